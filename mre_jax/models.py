@@ -21,6 +21,8 @@ from mre_jax import pretrained
 SCORE_EMBED_DIM = 256  # width of each score's sinusoidal embedding (release: 256)
 REWARD_HEADS = 8  # heads of the MRC cross-attention (release: 8)
 NUM_SCORES = 3  # following, preserving, quality
+# Top-level parameter names of the reward modules (the release's attribute names).
+REWARD_MODULES = ("add_embedding", "add_embedding2", "text_linear", "text_linear2", "proj_deal", "ca")
 
 _SD15_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 _SD15_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3

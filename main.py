@@ -1,0 +1,48 @@
+"""mre_jax command line: `python main.py --config=configs/<job>.py[:variant] [--config.x=v] --workdir=DIR`.
+
+Parses flags and dispatches to the job the config names; all logic lives in the package.
+"""
+
+import importlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# job name -> "module:function"; each function takes (config, workdir).
+JOBS = {
+    "convert": "mre_jax.export:convert",
+    "export": "mre_jax.export:export",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder the job writes to (checkpoints, logs, outputs).")
+
+
+def _fail(message: str, code: int) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
+  config = _CONFIG.value
+  job = config.get("job")
+  if job not in JOBS:
+    _fail(f"config.job={job!r} is not a job; known jobs: {', '.join(sorted(JOBS))}", 2)
+  module_name, fn_name = JOBS[job].split(":")
+  module = importlib.import_module(module_name)
+  try:
+    getattr(module, fn_name)(config, _WORKDIR.value)
+  except module.ConfigError as e:
+    _fail(str(e), 2)
+  except (OSError, ValueError) as e:  # user-caused: missing files, bad weights, bad values
+    logging.debug("job %s failed", job, exc_info=True)
+    _fail(str(e), 1)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

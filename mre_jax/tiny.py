@@ -1,0 +1,100 @@
+"""Tiny random models in the real formats, for tests, benchmarks and the embedded demo.
+
+`write_tiny_model_folder` writes a complete diffusers-format InstructPix2Pix folder (unet/,
+vae/, text_encoder/, tokenizer/, scheduler/, model_index.json) from random Flax parameters,
+needing neither PyTorch nor a download. Its tokenizer is a real CLIP BPE tokenizer over a small
+vocabulary: every byte, plus whole-word merges for common edit words.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+from mre_jax import checkpointing, export, models, pretrained
+
+UNET = models.UNetConfig(
+    block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, cross_attention_dim=32,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    sample_size=8)
+VAE = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 8, "act_fn": "silu",
+    "sample_size": 64, "scaling_factor": 0.18215,
+}
+WORDS = (
+    "a an the it to of and in on with make turn change add remove put give let be is are as into from "
+    "red green blue yellow orange purple pink white black gray brown color colour background sky "
+    "square circle triangle star stripes dots texture wood stone brick grass water snow winter summer "
+    "night day sunset style painting sketch cartoon watercolor bright dark darker brighter warm cool "
+    "tone image photo picture none still changed noisy blurry blocky missing not was wrong").split()
+
+
+def text_config(vocab_size: int) -> dict:
+  return {
+      "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": vocab_size,
+      "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+      "max_position_embeddings": pretrained.MAX_TOKENS, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+      "projection_dim": 32, "bos_token_id": vocab_size - 2, "eos_token_id": 2, "pad_token_id": 1,
+  }
+
+
+def write_tokenizer(folder: Path, words=WORDS) -> int:
+  """A CLIP BPE tokenizer in `folder`; returns its vocabulary size (end-of-text has the top id)."""
+  folder.mkdir(parents=True, exist_ok=True)
+  chars = list(bytes_to_unicode().values())
+  vocab = chars + [c + "</w>" for c in chars]
+  merges = []
+  for word in dict.fromkeys(words):
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+      merge = f"{pieces[0]} {pieces[1]}"
+      token = pieces[0] + pieces[1]
+      if merge not in merges:
+        merges.append(merge)
+        vocab.append(token)
+      pieces = [token] + pieces[2:]
+  vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
+  (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+  (folder / "tokenizer_config.json").write_text(json.dumps({
+      "tokenizer_class": "CLIPTokenizer", "model_max_length": pretrained.MAX_TOKENS, "bos_token": "<|startoftext|>",
+      "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+      "do_lower_case": True}))
+  return len(vocab)
+
+
+def random_params(seed: int = 0, unet: models.UNetConfig = UNET, reward: bool = True, vocab_size: int = 1000):
+  """Random float32 Flax params: (unet, vae, text encoder)."""
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  unet_params = models.init_unet_params(models.RewardUNet(unet, reward=reward), k1)
+  vae_params = pretrained.make_vae(VAE).init_weights(k2)
+  text = pretrained.make_text_encoder(text_config(vocab_size))
+  ids = np.zeros((1, pretrained.MAX_TOKENS), np.int32)
+  text_params = text.init(k3, ids, ids, ids)["params"]
+  to_np = lambda t: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), jax.device_get(t))
+  return to_np(unet_params), to_np(vae_params), to_np(text_params)
+
+
+def write_tiny_model_folder(folder: str | Path, seed: int = 0, unet: models.UNetConfig = UNET,
+                            reward: bool = True) -> Path:
+  """A random diffusers-format InstructPix2Pix folder with the tiny architecture."""
+  folder = Path(folder)
+  vocab_size = write_tokenizer(folder / "tokenizer")
+  unet_params, vae_params, text_params = random_params(seed, unet, reward, vocab_size)
+  spec = checkpointing.ModelSpec(unet, reward)
+  export.write_component(folder / "unet", unet.to_diffusers(), export.unet_state_dict(unet_params),
+                         export.UNET_WEIGHTS)
+  export.write_component(folder / "vae", VAE, pretrained.vae_state_dict(vae_params), export.UNET_WEIGHTS)
+  export.write_component(folder / "text_encoder", text_config(vocab_size),
+                         pretrained.text_encoder_state_dict(text_params), export.TEXT_WEIGHTS)
+  (folder / "scheduler").mkdir(exist_ok=True)
+  (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(export.SCHEDULER_CONFIG))
+  (folder / "model_index.json").write_text(json.dumps(export.MODEL_INDEX))
+  del spec
+  return folder
