@@ -1,0 +1,1 @@
+"""synthetic_edit dataset: a procedural edit world that needs no download."""
