@@ -76,10 +76,9 @@ def unet_from_diffusers(folder: str | os.PathLike, *, reward: bool | None = None
   shapes = models.unet_param_shapes(model)
   fresh = {}
   if reward and not has_reward:
-    fresh = {k: v for k, v in models.init_unet_params(model, jax.random.PRNGKey(seed)).items()
-             if k in models.REWARD_MODULES}
+    fresh = {k: v for k, v in models.init_unet_params(model, seed).items() if k in models.REWARD_MODULES}
     shapes = {k: v for k, v in shapes.items() if k not in fresh}
-  params = {**weights.torch_to_flax(state, shapes, source=source), **jax.device_get(fresh)}
+  params = {**weights.torch_to_flax(state, shapes, source=source), **fresh}
   params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
   if source_cfg.in_channels != in_channels:
     params = pretrained.widen_conv_in(params, in_channels)

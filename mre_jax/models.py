@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mre_jax import pretrained
+from mre_jax import pretrained, weights
 
 SCORE_EMBED_DIM = 256  # width of each score's sinusoidal embedding (release: 256)
 REWARD_HEADS = 8  # heads of the MRC cross-attention (release: 8)
@@ -299,16 +299,17 @@ class RewardUNet(nn.Module):
     return self.conv_out(h)
 
 
-def init_unet_params(model: RewardUNet, rng: jax.Array, latent_size: int = 8) -> dict:
-  """Random float32 parameters for `model` (shapes only depend on the config)."""
+def unet_param_shapes(model: RewardUNet, latent_size: int = 8) -> dict:
+  """The parameter tree of `model` as `jax.ShapeDtypeStruct`s (traced, nothing allocated)."""
   cfg = model.config
   sample = jnp.zeros((1, latent_size, latent_size, cfg.in_channels))
   context = jnp.zeros((1, 1, cfg.cross_attention_dim))
   scores = jnp.zeros((1, NUM_SCORES))
   reward_embeds = jnp.zeros((1, cfg.cross_attention_dim))
-  return model.init(rng, sample, jnp.zeros((1,)), context, scores, reward_embeds)["params"]
+  init = lambda: model.init(jax.random.PRNGKey(0), sample, jnp.zeros((1,)), context, scores, reward_embeds)
+  return jax.eval_shape(init)["params"]
 
 
-def unet_param_shapes(model: RewardUNet) -> dict:
-  """The parameter tree of `model` as `jax.ShapeDtypeStruct`s, without allocating it."""
-  return jax.eval_shape(lambda: init_unet_params(model, jax.random.PRNGKey(0)))
+def init_unet_params(model: RewardUNet, seed: int) -> dict:
+  """Random float32 parameters for `model`, drawn as PyTorch's default init (see weights)."""
+  return weights.init_like_torch(unet_param_shapes(model), seed)

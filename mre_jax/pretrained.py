@@ -41,6 +41,7 @@ from diffusers.models.unets import unet_2d_blocks_flax as _blocks  # noqa: E402
 from diffusers.models.vae_flax import FlaxAutoencoderKL  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTokenizer  # noqa: E402
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule  # noqa: E402
+from transformers.models.clip.tokenization_clip import bytes_to_unicode  # noqa: E402
 
 from mre_jax import weights  # noqa: E402
 
@@ -250,6 +251,11 @@ def encode_text(module: FlaxCLIPTextModule, params: dict, input_ids: jax.Array) 
 
 def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
   return CLIPTokenizer.from_pretrained(str(component_dir(folder, "tokenizer")), local_files_only=True)
+
+
+def bpe_byte_symbols() -> list[str]:
+  """The 256 symbols CLIP's byte-level BPE uses for bytes, in byte order."""
+  return list(bytes_to_unicode().values())
 
 
 def tokenize(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> np.ndarray:

@@ -11,11 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
-import numpy as np
-from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-from mre_jax import checkpointing, export, models, pretrained
+from mre_jax import export, models, pretrained, weights
 
 UNET = models.UNetConfig(
     block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, cross_attention_dim=32,
@@ -47,7 +43,7 @@ def text_config(vocab_size: int) -> dict:
 def write_tokenizer(folder: Path, words=WORDS) -> int:
   """A CLIP BPE tokenizer in `folder`; returns its vocabulary size (end-of-text has the top id)."""
   folder.mkdir(parents=True, exist_ok=True)
-  chars = list(bytes_to_unicode().values())
+  chars = pretrained.bpe_byte_symbols()
   vocab = chars + [c + "</w>" for c in chars]
   merges = []
   for word in dict.fromkeys(words):
@@ -71,14 +67,11 @@ def write_tokenizer(folder: Path, words=WORDS) -> int:
 
 def random_params(seed: int = 0, unet: models.UNetConfig = UNET, reward: bool = True, vocab_size: int = 1000):
   """Random float32 Flax params: (unet, vae, text encoder)."""
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-  unet_params = models.init_unet_params(models.RewardUNet(unet, reward=reward), k1)
-  vae_params = pretrained.make_vae(VAE).init_weights(k2)
+  unet_params = models.init_unet_params(models.RewardUNet(unet, reward=reward), seed)
+  vae_params = weights.init_like_torch(pretrained.vae_param_shapes(pretrained.make_vae(VAE)), seed + 1)
   text = pretrained.make_text_encoder(text_config(vocab_size))
-  ids = np.zeros((1, pretrained.MAX_TOKENS), np.int32)
-  text_params = text.init(k3, ids, ids, ids)["params"]
-  to_np = lambda t: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), jax.device_get(t))
-  return to_np(unet_params), to_np(vae_params), to_np(text_params)
+  text_params = weights.init_like_torch(pretrained.text_encoder_param_shapes(text), seed + 2)
+  return unet_params, vae_params, text_params
 
 
 def write_tiny_model_folder(folder: str | Path, seed: int = 0, unet: models.UNetConfig = UNET,
@@ -87,7 +80,6 @@ def write_tiny_model_folder(folder: str | Path, seed: int = 0, unet: models.UNet
   folder = Path(folder)
   vocab_size = write_tokenizer(folder / "tokenizer")
   unet_params, vae_params, text_params = random_params(seed, unet, reward, vocab_size)
-  spec = checkpointing.ModelSpec(unet, reward)
   export.write_component(folder / "unet", unet.to_diffusers(), export.unet_state_dict(unet_params),
                          export.UNET_WEIGHTS)
   export.write_component(folder / "vae", VAE, pretrained.vae_state_dict(vae_params), export.UNET_WEIGHTS)
@@ -96,5 +88,4 @@ def write_tiny_model_folder(folder: str | Path, seed: int = 0, unet: models.UNet
   (folder / "scheduler").mkdir(exist_ok=True)
   (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(export.SCHEDULER_CONFIG))
   (folder / "model_index.json").write_text(json.dumps(export.MODEL_INDEX))
-  del spec
   return folder

@@ -144,6 +144,31 @@ def flax_to_torch(
   return out
 
 
+def init_like_torch(shapes: Any, seed: int) -> dict:
+  """Random float32 params for a Flax shape tree, drawn as PyTorch's default init draws them.
+
+  Dense/Conv kernels and their biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (what `nn.Linear` and
+  `nn.Conv2d` do), norm scales 1 and biases 0, embeddings ~ N(0, 1). In numpy: a random U-Net
+  costs milliseconds instead of compiling an RNG program, and the release's randomly
+  initialised reward modules start from the distribution it used.
+  """
+  rng = np.random.default_rng(seed)
+  flat = traverse_util.flatten_dict(_unfreeze(shapes))
+  out = {}
+  for path, leaf in flat.items():
+    shape, parent, name = tuple(leaf.shape), path[:-1], path[-1]
+    if name == "embedding":
+      out[path] = rng.standard_normal(shape)
+    elif name == "scale" or (name == "bias" and parent + ("scale",) in flat):
+      out[path] = np.ones(shape) if name == "scale" else np.zeros(shape)
+    else:
+      kernel = flat.get(parent + ("kernel",), leaf)
+      fan_in = int(np.prod(kernel.shape[:-1]))
+      bound = 1.0 / np.sqrt(max(fan_in, 1))
+      out[path] = rng.uniform(-bound, bound, shape)
+  return traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in out.items()})
+
+
 def _unfreeze(tree: Any) -> dict:
   if hasattr(tree, "unfreeze"):
     return tree.unfreeze()
