@@ -9,6 +9,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mre_jax.errors import ConfigError
+
 # job name -> "module:function"; each function takes (config, workdir).
 JOBS = {
     "convert": "mre_jax.export:convert",
@@ -36,7 +38,7 @@ def main(argv):
   module = importlib.import_module(module_name)
   try:
     getattr(module, fn_name)(config, _WORKDIR.value)
-  except module.ConfigError as e:
+  except ConfigError as e:
     _fail(str(e), 2)
   except (OSError, ValueError) as e:  # user-caused: missing files, bad weights, bad values
     logging.debug("job %s failed", job, exc_info=True)

@@ -23,6 +23,7 @@ from absl import logging
 from safetensors.numpy import save_file
 
 from mre_jax import checkpointing, models, pretrained, weights
+from mre_jax.errors import ConfigError, require
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_WEIGHTS = "model.safetensors"
@@ -41,10 +42,6 @@ MODEL_INDEX = {
     "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
     "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
 }
-
-
-class ConfigError(ValueError):
-  """A missing or invalid config field; main.py exits with code 2."""
 
 
 # ----------------------------------------------------------------------------- U-Net
@@ -131,13 +128,6 @@ def write_diffusers_folder(target: Path, spec: checkpointing.ModelSpec, unet_par
 
 
 # ----------------------------------------------------------------------------- jobs
-
-
-def require(config, field: str) -> Any:
-  value = config.get(field)
-  if value in (None, ""):
-    raise ConfigError(f"config.{field} is required (job {config.get('job')!r})")
-  return value
 
 
 def convert(config, workdir: str | None) -> Path:
