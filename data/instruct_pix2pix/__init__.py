@@ -1,0 +1,1 @@
+"""instruct_pix2pix dataset (manual download)."""

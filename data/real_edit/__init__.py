@@ -1,0 +1,1 @@
+"""real_edit dataset (manual download)."""
