@@ -282,3 +282,13 @@ def test_load_rgb_converts_modes_and_upscales(tmp_path):
     records.load_rgb(fx.image_bytes(img)[:200])
   with pytest.raises(records.BadRecord, match="missing_file"):
     records.load_rgb(str(tmp_path / "none.jpg"))
+
+
+@pytest.mark.parametrize("name", ["synthetic_edit", "instruct_pix2pix", "reward_edit", "real_edit"])
+def test_tfds_build_cli_finds_the_builder(name):
+  """`tfds build data/<name>` loads the same Builder class that build_dataset uses."""
+  build = pytest.importorskip("tensorflow_datasets.scripts.cli.build")
+  if not hasattr(build, "_get_builder_cls_and_kwargs"):
+    pytest.skip("this TFDS version loads builders differently")
+  cls, _ = build._get_builder_cls_and_kwargs(os.path.join(ip.DATA_ROOT, name), has_imports=False)
+  assert cls is ip.builder_class(name) and cls.name == name
