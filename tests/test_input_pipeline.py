@@ -166,6 +166,24 @@ def test_synthetic_builder_end_to_end(synthetic_builder, tmp_path):
   assert ((0 <= batch["scores"]) & (batch["scores"] <= 5)).all()
 
 
+def test_synthetic_builder_stores_the_world_exactly(synthetic_builder):
+  from mre_jax import synthetic
+  source = ip.data_source(synthetic_builder, "test")
+  stored = {source[i]["scene_key"].decode(): source[i] for i in range(len(source))}
+  for index in range(16):
+    want = synthetic.make_example(index, "test", seed=0, size=32)
+    got = stored[want["scene_key"]]
+    for key in ("original", "truth", "edited", "scores"):
+      np.testing.assert_array_equal(got[key], want[key])
+    assert [t.decode() for t in got["reward_texts"]] == want["reward_texts"]
+    assert got["category"].decode() == want["category"]
+
+
+def test_process_layout_defaults_to_jax():
+  ds = _dataset(_source(8), process_index=None, process_count=None)
+  assert next(ip.create_iterator(ds))["original"].shape[0] == 4  # One process on CPU.
+
+
 def test_worker_processes_give_the_same_batches(synthetic_builder):
   ds = _dataset(ip.data_source(synthetic_builder, "test"), crop_size=32)
   want = [next(it) for it in [ip.create_iterator(ds)] for _ in range(2)]
