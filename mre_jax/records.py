@@ -95,13 +95,8 @@ def _to_rgb(img):
   return np.asarray(img.convert("RGB"), np.uint8)
 
 
-def load_rgb(source, min_side=0, what="image"):
-  """Decodes an image (path or bytes) to uint8 [H, W, 3] RGB.
-
-  Grayscale, RGBA, palette, CMYK and 16-bit images are converted to RGB. If the short side
-  is under `min_side` pixels the image is upscaled (bicubic) so that it is `min_side`.
-  Raises BadRecord ("missing_file", "bad_image") otherwise.
-  """
+def _decode(source, what):
+  """(file bytes, loaded PIL image, name) of a path or bytes; BadRecord if unreadable."""
   if isinstance(source, (str, os.PathLike)):
     if not os.path.isfile(source):
       raise BadRecord("missing_file", f"{what} {source} does not exist")
@@ -115,12 +110,35 @@ def load_rgb(source, min_side=0, what="image"):
       warnings.simplefilter("ignore")
       img = Image.open(io.BytesIO(data))
       img.load()
-      rgb = _to_rgb(img)
   except Exception as e:  # PIL raises many types for broken files.
     raise BadRecord("bad_image", f"{name} cannot be decoded: {type(e).__name__}: {e}") from None
-  if rgb.ndim != 3 or min(rgb.shape[:2]) < 1:
-    raise BadRecord("bad_image", f"{name} has shape {rgb.shape}")
+  if min(img.size) < 1:
+    raise BadRecord("bad_image", f"{name} has size {img.size}")
+  return data, img, name
+
+
+def load_rgb(source, min_side=0, what="image"):
+  """Decodes an image (path or bytes) to uint8 [H, W, 3] RGB.
+
+  Grayscale, RGBA, palette, CMYK and 16-bit images are converted to RGB. If the short side
+  is under `min_side` pixels the image is upscaled (bicubic) so that it is `min_side`.
+  Raises BadRecord ("missing_file", "bad_image") otherwise.
+  """
+  _, img, name = _decode(source, what)
+  try:
+    rgb = _to_rgb(img)
+  except Exception as e:
+    raise BadRecord("bad_image", f"{name} cannot be converted to RGB: {e}") from None
   return upscale_to(rgb, min_side)
+
+
+def load_for_storage(source, min_side=0, what="image"):
+  """What a builder should store for an image: the file's own bytes when it is an RGB JPEG
+  that needs no upscaling (no second compression), else `load_rgb`'s uint8 [H, W, 3]."""
+  data, img, _ = _decode(source, what)
+  if img.format == "JPEG" and img.mode == "RGB" and min(img.size) >= min_side:
+    return data
+  return load_rgb(data, min_side, what)
 
 
 def upscale_to(img, min_side):

@@ -292,3 +292,13 @@ def test_tfds_build_cli_finds_the_builder(name):
     pytest.skip("this TFDS version loads builders differently")
   cls, _ = build._get_builder_cls_and_kwargs(os.path.join(ip.DATA_ROOT, name), has_imports=False)
   assert cls is ip.builder_class(name) and cls.name == name
+
+
+def test_rgb_jpegs_are_stored_without_a_second_compression():
+  rng = np.random.default_rng(5)
+  data = fx.image_bytes(fx.random_image(rng, 70, 80))
+  assert records.load_for_storage(data, min_side=64) == data
+  small = records.load_for_storage(data, min_side=100)
+  assert isinstance(small, np.ndarray) and small.shape == (100, 114, 3)
+  gray = records.load_for_storage(fx.image_bytes(fx.random_image(rng, 70, 80), mode="L"))
+  assert isinstance(gray, np.ndarray) and gray.shape == (70, 80, 3)

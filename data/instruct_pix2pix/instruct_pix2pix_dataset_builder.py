@@ -114,7 +114,7 @@ def _folder_example(record, min_side):
     path = records.find_image(folder, seed + suffix)
     if path is None:
       raise records.BadRecord("missing_file", f"{folder}/{seed}{suffix}.jpg does not exist")
-    images.append(records.load_rgb(path, min_side))
+    images.append(records.load_for_storage(path, min_side))
   return _example(images, prompt.get("edit"), prompt.get("input"), prompt.get("output"),
                   f"{record['name']}/{seed}")
 
@@ -151,7 +151,7 @@ def _image_bytes(value):
 
 
 def _parquet_example(row, min_side):
-  images = [records.load_rgb(_image_bytes(row[c]), min_side, f"{row['key']} {c}")
+  images = [records.load_for_storage(_image_bytes(row[c]), min_side, f"{row['key']} {c}")
             for c in ("original_image", "edited_image")]
   return _example(images, row["edit_prompt"], row["original_prompt"], row["edited_prompt"],
                   row["key"])

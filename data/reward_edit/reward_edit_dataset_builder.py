@@ -98,7 +98,7 @@ def _example(images_root, name, entries, min_side):
     raise records.BadRecord("bad_json", f"{folder}/prompt.json is not an object")
   instructions = records.parse_instructions(prompt.get("edit"), f"{name}/prompt.json: edit")
   seed = _rated_seed(folder, entries)
-  original, edited = (records.load_rgb(records.find_image(folder, f"{seed}_{i}"), min_side)
+  original, edited = (records.load_for_storage(records.find_image(folder, f"{seed}_{i}"), min_side)
                       for i in (0, 1))
   return {"original": original, "edited": edited, "instruction": instructions[0],
           "instructions": instructions, "scores": scores, "reward_texts": texts,
