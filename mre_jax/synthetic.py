@@ -610,13 +610,17 @@ def _changed_words(cell_dev, truth_scene, target, size):
   return ("the background" if truth_scene else "the image") + f" changed at the {where}"
 
 
-def failure_texts(measures, failures, truth_scene=None, target=None, size=None):
+GENERIC_FAILURES = ("the edit is not applied", "the edit is only partly applied")
+
+
+def failure_texts(measures, failures=GENERIC_FAILURES, truth_scene=None, target=None, size=None):
   """The 3 reward texts (following, preserving, quality) for a judged edit; "None" if perfect.
 
   Args:
     measures: from `judge`.
     failures: (text when the edit is not applied, text when it is partly applied).
-    truth_scene, target: the edited scene and object, to name what an unrelated change hit.
+    truth_scene, target: the edited scene and object, to name what an unrelated change hit
+      (without them, e.g. for a model's output on a photo, the texts are generic).
   """
   follow, preserve, quality = (float(x) for x in measures["scores"])
   texts = ["None", "None", "None"]

@@ -138,3 +138,13 @@ def test_size_is_checked():
     syn.make_example(0, size=36)
   with pytest.raises(ValueError, match="split"):
     syn.make_example(0, split="valid")
+
+
+def test_failure_texts_without_a_scene_are_generic():
+  original, edit = _edit("Texture", seed=5)
+  o, t = syn.to_uint8(original), syn.to_uint8(edit["truth"])
+  painted = o.copy()
+  painted[8:40, 8:40] = 255 - painted[8:40, 8:40]
+  texts = syn.failure_texts(syn.judge(o, t, painted))
+  assert texts[0] == "the edit is not applied" and texts[1].startswith("the image changed at the")
+  assert syn.failure_texts(syn.judge(o, t, t)) == ["None", "None", "None"]
