@@ -15,6 +15,8 @@ from mre_jax.errors import ConfigError
 JOBS = {
     "convert": "mre_jax.export:convert",
     "export": "mre_jax.export:export",
+    "evaluate": "mre_jax.evaluators:evaluate",
+    "annotate": "mre_jax.annotate:annotate",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:variant]).",

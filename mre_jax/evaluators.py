@@ -1,0 +1,424 @@
+"""The Real-Edit evaluation job: edit every (photo, instruction), judge, tabulate (SPEC 5).
+
+python main.py --config=configs/evaluate.py --config.checkpoint=DIR \
+    --config.real_edit_dir=DIR --workdir=OUT [--config.compare=OTHER_RUN]
+
+Workdir layout (every step resumes from it):
+  edits/<photo>__<i>.png  the edits, lossless; an edit on disk is never redone
+  judge_cache.jsonl       every paid answer, append-only (mre_jax.judge.JudgmentCache)
+  results.jsonl           one line per (edit, perspective): status, verdict, score, raw
+                          answer, latency, attempts, prompt version, model, category, ...
+  table.json, table.md    per perspective the share of "yes" and the mean score with 95%
+                          bootstrap intervals, overall and per category; judged/failed counts
+  run_config.json         the config of the last run, without the API key
+
+The editing model is injected: `edit_fn(images: list[PIL.Image], instructions: list[str])
+-> list[PIL.Image]` (same order and length). The job builds it lazily, only when edits are
+missing, from config.edit_factory = "module:function" (default "mre_jax.edit:make_edit_fn"):
+a function `make_edit_fn(config) -> edit_fn` that receives this job's whole config
+(config.checkpoint, config.edit.*).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib
+import json
+import os
+import re
+import zlib
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from mre_jax import judge
+from mre_jax import records
+from mre_jax import synthetic
+from mre_jax.errors import ConfigError, require
+
+CATEGORIES = ("Local", "Remove", "Add", "Texture", "Background", "Global", "Style")
+DEFAULT_EDIT_FACTORY = "mre_jax.edit:make_edit_fn"
+FAILED = ("failed", "budget_exhausted", "no_edit")
+
+
+# ----------------------------------------------------------------------------- listing
+
+@dataclasses.dataclass
+class Item:
+  """One (photo, instruction) of Real-Edit; `error` says why it cannot be edited."""
+  image_name: str
+  index: int
+  category: str
+  instruction: str
+  photo: str
+  edit_path: str
+  error: str | None = None
+
+  @property
+  def key(self) -> str:
+    return f"{self.image_name}#{self.index}"
+
+
+def parse_instruction(text) -> tuple[str, str]:
+  """"<Category>. ...: <instruction>" -> (category, instruction); ValueError if malformed."""
+  if not isinstance(text, str) or "." not in text or ": " not in text:
+    raise ValueError(f"{text!r} is not '<Category>. ...: <instruction>'")
+  category = text.split(".", 1)[0].strip()
+  instruction = text.rsplit(": ", 1)[1].strip()
+  if category not in CATEGORIES:
+    raise ValueError(f"category {category!r} of {text!r} is not one of {CATEGORIES}")
+  if not instruction:
+    raise ValueError(f"{text!r} has an empty instruction")
+  return category, instruction
+
+
+def listing_path(root: str, json_name: str = "") -> str:
+  """The Real-Edit JSON: `json_name` in `root`, else the only *.json there."""
+  if json_name:
+    return records.require_path(os.path.join(root, json_name), "real_edit", "the Real-Edit JSON")
+  found = sorted(glob.glob(os.path.join(root, "*.json")))
+  if len(found) != 1:
+    raise FileNotFoundError(f"real_edit: expected exactly one *.json in {root} (the Real-Edit "
+                            f"{{<image file>: [string, ...]}}), found {found}; set config.json_name")
+  return found[0]
+
+
+def _safe_name(image_name: str, index: int) -> str:
+  stem = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(image_name)[0])
+  return f"{stem}-{zlib.crc32(image_name.encode()):08x}__{index}.png"
+
+
+def _photo_path(root: str, image_name: str) -> str:
+  direct = records.safe_join(root, image_name, "Real-Edit JSON key")
+  nested = records.safe_join(os.path.join(root, "images"), image_name, "Real-Edit JSON key")
+  return direct if os.path.isfile(direct) or not os.path.isfile(nested) else nested
+
+
+def load_real_edit(root: str, edits_dir: str, json_name: str = "") -> list[Item]:
+  """Every (photo, instruction) of the listing, sorted by photo then index; malformed
+  entries are kept as items with an `error` (they are counted as failed, never dropped)."""
+  path = listing_path(root, json_name)
+  listing = records.load_source_json(path, "real_edit", "{<image file>: [instruction string, ...]}")
+  if not isinstance(listing, dict):
+    raise ValueError(f"real_edit: {path} must hold an object {{<image file>: [string, ...]}}, "
+                     f"got {type(listing).__name__}")
+  items = []
+  for image_name in sorted(listing):
+    texts = listing[image_name]
+    if not isinstance(texts, list):
+      items.append(Item(image_name, 0, "", "", "", "", f"bad_entry: expected a list, got {texts!r}"))
+      continue
+    for i, text in enumerate(texts):
+      item = Item(image_name, i, "", "", "", os.path.join(edits_dir, _safe_name(image_name, i)))
+      try:
+        item.category, item.instruction = parse_instruction(text)
+        item.photo = _photo_path(root, image_name)
+      except (ValueError, records.BadRecord) as e:
+        item.error = f"bad_entry: {e}"
+      items.append(item)
+  return items
+
+
+# ------------------------------------------------------------------------------- edits
+
+def load_edit_factory(spec: str):
+  """"module:function" -> the function; ConfigError naming config.edit_factory if absent."""
+  module_name, _, fn_name = spec.partition(":")
+  if not module_name or not fn_name:
+    raise ConfigError(f"config.edit_factory={spec!r}: expected 'module:function'")
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+      raise ConfigError(f"config.edit_factory={spec!r}: module {module_name} does not exist (is "
+                        "the editing pipeline installed yet?); point config.edit_factory at a "
+                        "'module:function' returning edit_fn(images, instructions)") from None
+    raise
+  if not hasattr(module, fn_name):
+    raise ConfigError(f"config.edit_factory={spec!r}: {module_name} has no function {fn_name} "
+                      "(expected make_edit_fn(config) -> edit_fn(images, instructions))")
+  return getattr(module, fn_name)
+
+
+def _to_pil(image, where: str) -> Image.Image:
+  if isinstance(image, Image.Image):
+    return image.convert("RGB")
+  arr = np.asarray(image)
+  if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+    raise ValueError(f"edit_fn returned {where} as {type(image).__name__} {getattr(arr, 'shape', '')} "
+                     f"{arr.dtype}; expected a PIL image or uint8 [H, W, 3]")
+  return Image.fromarray(arr)
+
+
+def save_png_atomic(path: str, image: Image.Image) -> None:
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}.png")
+  image.save(tmp, format="PNG")
+  os.replace(tmp, path)
+
+
+def make_edits(items: list[Item], edit_fn_factory, batch_size: int) -> int:
+  """Edits the items whose edit is not on disk yet, `batch_size` at a time; returns how many.
+
+  `edit_fn_factory()` is called once, only if something is missing. A photo that cannot
+  be read marks its item with an error.
+  """
+  pending = [it for it in items if it.error is None and not os.path.isfile(it.edit_path)]
+  if not pending:
+    return 0
+  edit_fn = edit_fn_factory()
+  done = 0
+  for start in range(0, len(pending), max(1, batch_size)):
+    batch = []
+    for it in pending[start:start + max(1, batch_size)]:
+      try:
+        batch.append((it, Image.fromarray(records.load_rgb(it.photo))))
+      except records.BadRecord as e:
+        it.error = f"bad_photo: {e}"
+    if not batch:
+      continue
+    outputs = list(edit_fn([im for _, im in batch], [it.instruction for it, _ in batch]))
+    if len(outputs) != len(batch):
+      raise ValueError(f"edit_fn returned {len(outputs)} images for a batch of {len(batch)}")
+    for (it, _), out in zip(batch, outputs):
+      os.makedirs(os.path.dirname(it.edit_path), exist_ok=True)
+      save_png_atomic(it.edit_path, _to_pil(out, it.key))
+    done += len(batch)
+    logging.info("edited %d/%d", done, len(pending))
+  return done
+
+
+# ------------------------------------------------------------------------------- table
+
+def _bootstrap(values: np.ndarray, idx: np.ndarray):
+  """95% percentile interval of the mean of `values` over resamples idx [B, n]."""
+  means = values[idx].mean(axis=1)
+  lo, hi = np.percentile(means, [2.5, 97.5])
+  return [float(lo), float(hi)]
+
+
+def _cell(rows: list[dict], samples: int, rng) -> dict:
+  """Stats of one (row, perspective) from its result records."""
+  ok = [r for r in rows if r["status"] == "ok"]
+  cell = {"judged": len(ok), "unparsed": sum(r["status"] == "unparsed" for r in rows),
+          "failed": sum(r["status"] in FAILED for r in rows),
+          "yes_share": None, "yes_ci": None, "mean_score": None, "score_ci": None}
+  if ok:
+    yes = np.array([r["verdict"] == "yes" for r in ok], np.float64)
+    scores = np.array([r["score"] for r in ok], np.float64)
+    idx = rng.integers(0, len(ok), (samples, len(ok)))
+    cell.update(yes_share=float(yes.mean()), yes_ci=_bootstrap(yes, idx),
+                mean_score=float(scores.mean()), score_ci=_bootstrap(scores, idx))
+  return cell
+
+
+def make_table(results: list[dict], *, samples: int = 1000, seed: int = 0) -> dict:
+  """The paper's table from result records (one per item and perspective).
+
+  rows: "overall" and each category present, each {perspective: cell}; a cell holds
+  `yes_share` and `mean_score` over the judged ("ok") answers with 95% bootstrap intervals,
+  and the counts judged / unparsed / failed. `counts` is per item: judged in all three
+  perspectives, or not.
+  """
+  cats = [c for c in CATEGORIES if any(r.get("category") == c for r in results)]
+  table = {"rows": {}, "prompt_version": judge.PROMPT_VERSION,
+           "models": sorted({r["model"] for r in results if r.get("model")}),
+           "bootstrap_samples": samples}
+  for ri, row in enumerate(["overall"] + cats):
+    in_row = [r for r in results if row == "overall" or r.get("category") == row]
+    table["rows"][row] = {
+        p: _cell([r for r in in_row if r["perspective"] == p], samples,
+                 np.random.default_rng([seed, ri, pi]))
+        for pi, p in enumerate(judge.PERSPECTIVES)}
+  by_item = {}
+  for r in results:
+    by_item.setdefault(r["item"], []).append(r["status"])
+  table["counts"] = {
+      "items": len(by_item),
+      "judged": sum(all(s == "ok" for s in v) and len(v) == 3 for v in by_item.values()),
+      "failed": sum(any(s != "ok" for s in v) for v in by_item.values()),
+      "judgments": judge.status_counts(results)}
+  return table
+
+
+def _pct(v):
+  return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _num(v):
+  return "-" if v is None else f"{v:.2f}"
+
+
+def table_markdown(table: dict) -> str:
+  """The table as markdown: per row, per perspective "yes %" and "score" [95% CI]."""
+  head = ["row"] + [f"{p} {m}" for p in judge.PERSPECTIVES for m in ("yes %", "score")] + ["judged", "failed"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for row, cells in table["rows"].items():
+    out = [row]
+    for p in judge.PERSPECTIVES:
+      c = cells[p]
+      ci = c["yes_ci"] or [None, None]
+      sci = c["score_ci"] or [None, None]
+      out += [f"{_pct(c['yes_share'])} [{_pct(ci[0])}, {_pct(ci[1])}]",
+              f"{_num(c['mean_score'])} [{_num(sci[0])}, {_num(sci[1])}]"]
+    out += [str(min(c["judged"] for c in cells.values())),
+            str(max(c["failed"] + c["unparsed"] for c in cells.values()))]
+    lines.append("| " + " | ".join(out) + " |")
+  k = table["counts"]
+  lines += ["", f"items: {k['items']}, judged in all perspectives: {k['judged']}, with a failed "
+            f"or unparsed perspective: {k['failed']}; judgments by status: "
+            f"{json.dumps(k['judgments'])}",
+            f"models: {', '.join(table['models']) or '-'}; prompt version: {table['prompt_version']}; "
+            f"95% intervals from {table['bootstrap_samples']} bootstrap resamples"]
+  return "\n".join(lines) + "\n"
+
+
+def _load_table(run: str) -> dict:
+  path = os.path.join(run, "table.json") if os.path.isdir(run) else run
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"compare: no table at {path} (a run folder with table.json, or the file)")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _diff(a, b):
+  return None if a is None or b is None else a - b
+
+
+def compare_markdown(table: dict, other: dict, name: str, other_name: str) -> str:
+  """Two tables side by side: this run, the other, and this minus the other."""
+  lines = [f"A = {name}, B = {other_name}", "",
+           "| row | perspective | yes % A | yes % B | A-B | score A | score B | A-B |",
+           "|---|---|---|---|---|---|---|---|"]
+  for row, cells in table["rows"].items():
+    for p in judge.PERSPECTIVES:
+      a, b = cells[p], other["rows"].get(row, {}).get(p, {})
+      ya, yb, sa, sb = a["yes_share"], b.get("yes_share"), a["mean_score"], b.get("mean_score")
+      lines.append(f"| {row} | {p} | {_pct(ya)} | {_pct(yb)} | {_pct(_diff(ya, yb))} | "
+                   f"{_num(sa)} | {_num(sb)} | {_num(_diff(sa, sb))} |")
+  notes = [f"{k} differs: A {table.get(k)} vs B {other.get(k)}" for k in ("prompt_version", "models")
+           if table.get(k) != other.get(k)]
+  return "\n".join(lines + [""] + notes) + "\n"
+
+
+# ---------------------------------------------------------------------------- the job
+
+def _edit_pair(item: Item):
+  return lambda: (records.load_rgb(item.photo), records.load_rgb(item.edit_path))
+
+
+def _requests(items: list[Item]) -> list:
+  out = []
+  for it in items:
+    if it.error is None and not os.path.isfile(it.edit_path):
+      it.error = "no_edit: the edit is missing"
+    meta = {"category": it.category, "image": it.image_name, "index": it.index,
+            "edit": os.path.basename(it.edit_path) if it.error is None else None}
+    load = _edit_pair(it) if it.error is None else _raiser(it.error)
+    out += [judge.Request(it.key, p, it.instruction, load, meta=meta) for p in judge.PERSPECTIVES]
+  return out
+
+
+def _raiser(message: str):
+  def load():
+    raise ValueError(message)
+  return load
+
+
+def write_run_config(config, workdir: str) -> None:
+  """config as JSON, without the API key."""
+  d = config.to_dict()
+  d.get("judge", {}).pop("api_key", None)
+  judge.write_text_atomic(os.path.join(workdir, "run_config.json"), json.dumps(d, indent=1, default=str))
+
+
+def run_real_edit(config, workdir: str, edit_fn=None) -> dict:
+  """Edits (missing edits only), judges and tabulates Real-Edit; returns the table.
+
+  edit_fn: the editing callable; None builds it from config.edit_factory when needed.
+  """
+  root = require(config, "real_edit_dir")
+  edits_dir = os.path.join(workdir, "edits")
+  items = load_real_edit(root, edits_dir, config.json_name)
+  if config.limit:
+    items = items[:config.limit]
+  os.makedirs(edits_dir, exist_ok=True)
+  write_run_config(config, workdir)
+  make_edits(items, (lambda: edit_fn) if edit_fn else lambda: _build_edit_fn(config), config.batch_size)
+  results = judge.judge_with_config(config.judge, workdir, _requests(items))
+  judge.write_jsonl_atomic(os.path.join(workdir, "results.jsonl"), results)
+  table = make_table(results, samples=config.bootstrap_samples, seed=config.seed)
+  judge.write_text_atomic(os.path.join(workdir, "table.json"), json.dumps(table, indent=1))
+  markdown = table_markdown(table)
+  judge.write_text_atomic(os.path.join(workdir, "table.md"), markdown)
+  print(markdown, flush=True)
+  return table
+
+
+def _build_edit_fn(config):
+  if config.edit_factory == DEFAULT_EDIT_FACTORY and not config.checkpoint:
+    raise ConfigError("config.checkpoint is required to edit (a project checkpoint folder); "
+                      "or set config.edit_factory")
+  return load_edit_factory(config.edit_factory)(config)
+
+
+def evaluate(config, workdir: str) -> None:
+  """The `evaluate` job: run Real-Edit into workdir, then compare with config.compare."""
+  if not workdir:
+    raise ConfigError("--workdir is required (job 'evaluate')")
+  if config.real_edit_dir:
+    table = run_real_edit(config, workdir)
+  elif config.compare:
+    table = _load_table(workdir)
+  else:
+    raise ConfigError("config.real_edit_dir is required (job 'evaluate'), or config.compare "
+                      "with a workdir that has a table")
+  if config.compare:
+    text = compare_markdown(table, _load_table(config.compare), workdir, config.compare)
+    judge.write_text_atomic(os.path.join(workdir, "compare.md"), text)
+    print(text, flush=True)
+
+
+# ------------------------------------------------------------------ synthetic Real-Edit
+
+def _scene_with_all_edits(rng, size):
+  """A test-split scene and one visible exact edit per category."""
+  for _ in range(1000):
+    scene = synthetic.sample_scene(rng)
+    if synthetic.scene_split(scene) != "test":
+      continue
+    original = synthetic.to_uint8(synthetic.render_float(scene, size))
+    edits = [synthetic.sample_edit(rng, scene, c, size) for c in CATEGORIES]
+    if all(e is not None and np.sum(np.any(synthetic.to_uint8(e["truth"]) != original, -1)) >= 16
+           for e in edits):
+      return original, edits
+  raise RuntimeError("could not sample a scene that takes all seven edits")
+
+
+def write_synthetic_real_edit(root: str, num_photos: int, seed: int = 0, size: int = 64) -> dict:
+  """A Real-Edit-format folder from the synthetic world, with exact ground truth.
+
+  Writes <root>/real_edit.json, <root>/photo_<k>.png and, for the synthetic judge backend,
+  <root>/truth/<k>_<i>.png and <root>/truth/index.json. Returns {"json", "truth",
+  "truths": {item key: truth uint8 [S, S, 3]}}.
+  """
+  rng = np.random.default_rng([seed, 7])
+  listing, entries, truths = {}, [], {}
+  os.makedirs(os.path.join(root, "truth"), exist_ok=True)
+  for k in range(num_photos):
+    original, edits = _scene_with_all_edits(rng, size)
+    name = f"photo_{k:03d}.png"
+    Image.fromarray(original).save(os.path.join(root, name))
+    listing[name] = []
+    for i, (category, edit) in enumerate(zip(CATEGORIES, edits)):
+      instruction = edit["instructions"][int(rng.integers(len(edit["instructions"])))]
+      listing[name].append(f"{category}. Synthetic {category.lower()} edit: {instruction}")
+      truth = synthetic.to_uint8(edit["truth"])
+      Image.fromarray(truth).save(os.path.join(root, "truth", f"{k:03d}_{i}.png"))
+      entries.append((original, instruction, f"{k:03d}_{i}.png", edit["failures"]))
+      truths[f"{name}#{i}"] = truth
+  judge.write_text_atomic(os.path.join(root, "real_edit.json"), json.dumps(listing, indent=1))
+  judge.write_truth_index(os.path.join(root, "truth", "index.json"), entries)
+  return {"json": os.path.join(root, "real_edit.json"),
+          "truth": os.path.join(root, "truth", "index.json"), "truths": truths}

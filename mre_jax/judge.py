@@ -1,0 +1,663 @@
+"""Judging image edits from the paper's three perspectives (SPEC section 5).
+
+Each (original, edited, instruction) is judged three times, one perspective per request:
+  following   instruction following   original + edited + instruction
+  preserving  detail preserving       original + edited + instruction
+  quality     generation quality      edited image alone
+and each answer is a yes/no verdict and a score in [0, 5], asked for as a small dictionary.
+
+Backends:
+  OpenAIBackend     any chat-completions endpoint through the official `openai` client
+                    (GPT-4o by default); images go as base64 JPEG data URLs. Retries
+                    (429 with Retry-After, 5xx, timeouts, connection errors) are ours, not the
+                    client's (it runs with max_retries=0).
+  SyntheticBackend  no API: scores an edit of the synthetic world exactly against its stored
+                    ground truth (mre_jax.synthetic.judge) and answers in the same dictionary
+                    form, so the whole path (parsing, cache, tables) runs offline.
+
+Every paid answer goes to an append-only JSONL cache keyed by (image hashes, instruction,
+perspective, model, prompt version), flushed and fsynced line by line, so an interrupted or
+repeated run never pays twice. The API key is read from the config or the environment and
+is never logged or written anywhere.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import dataclasses
+import email.utils
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import re
+import threading
+import time
+from concurrent import futures
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from mre_jax import records
+from mre_jax import synthetic
+from mre_jax.errors import ConfigError
+
+PERSPECTIVES = ("following", "preserving", "quality")
+# ok: parsed answer; unparsed: the model answered but not in the asked form (raw kept);
+# failed: no answer (errors, retries spent); budget_exhausted: not sent, the run's request
+# budget was spent; no_edit: nothing to judge (unreadable photo or edit, bad listing entry).
+STATUSES = ("ok", "unparsed", "failed", "budget_exhausted", "no_edit")
+
+# ----------------------------------------------------------------------------- prompts
+# Bump PROMPT_VERSION whenever any text below changes: it is part of every cache key and
+# recorded with every result, so answers to different prompts are never mixed.
+PROMPT_VERSION = "mre-judge-v1"
+
+SYSTEM_PROMPT = (
+    "You are a careful and strict judge of instruction-based image editing. You look at the "
+    "images you are given and answer with one small Python dictionary and nothing else.")
+
+TITLES = {"following": "INSTRUCTION FOLLOWING", "preserving": "DETAIL PRESERVING",
+          "quality": "GENERATION QUALITY"}
+
+_TASKS = {
+    "following": (
+        "The first image is the original photo. The second image is the result of editing it "
+        "with the instruction: \"{instruction}\".\n"
+        "Judge INSTRUCTION FOLLOWING only: does the edited image carry out the instruction "
+        "fully and correctly (the right change, on the right object, to the right extent)? "
+        "Do not judge image quality or changes elsewhere in the image."),
+    "preserving": (
+        "The first image is the original photo. The second image is the result of editing it "
+        "with the instruction: \"{instruction}\".\n"
+        "Judge DETAIL PRESERVING only: apart from the change the instruction asks for, is "
+        "everything else kept as in the original (identity, objects, shapes, layout, colours, "
+        "background, fine details)? Do not judge whether the instruction was carried out, "
+        "nor image quality."),
+    "quality": (
+        "The image was produced by an image-editing model.\n"
+        "Judge GENERATION QUALITY only: is it a natural, clean, high-quality image, free of "
+        "artifacts such as blur, noise, blocky or smeared areas, distorted or malformed "
+        "objects? Do not judge what it shows."),
+}
+_ANSWER = ("Answer with a Python dictionary and nothing else: {'verdict': 'yes' or 'no', "
+           "'score': a number from 0 (worst) to 5 (perfect)")
+_FAILURE = (", 'failure': a short phrase naming what is wrong from this perspective (for "
+            "example 'the dog is still brown'), or 'None' if nothing is wrong")
+
+
+def build_prompt(perspective: str, instruction: str, describe: bool = False) -> str:
+  """The user text for one perspective; `describe` also asks for the failure points."""
+  task = _TASKS[perspective].replace("{instruction}", instruction)
+  return f"{task}\n{_ANSWER}{_FAILURE if describe else ''}}}"
+
+
+def uses_original(perspective: str) -> bool:
+  """Whether the judge sees the original photo (generation quality judges the edit alone)."""
+  return perspective != "quality"
+
+
+# ----------------------------------------------------------------------------- parsing
+
+_VERDICT_KEYS = ("verdict", "answer", "yes/no", "yes or no", "result", "decision")
+_SCORE_KEYS = ("score", "rating")
+_FAILURE_KEYS = ("failure", "failures", "failure points", "failure point", "negative prompt",
+                 "problem", "problems", "issue", "issues")
+_NO_FAILURE = ("", "none", "n/a", "na", "nothing", "no failure", "null")
+
+
+def _dict_spans(text: str):
+  """Substrings of `text` from a "{" to its matching "}" (quotes respected), in order."""
+  for start in [i for i, c in enumerate(text) if c == "{"]:
+    depth, quote, escaped = 0, None, False
+    for end in range(start, len(text)):
+      c = text[end]
+      if quote:
+        if escaped:
+          escaped = False
+        elif c == "\\":
+          escaped = True
+        elif c == quote:
+          quote = None
+      elif c in "'\"":
+        quote = c
+      elif c == "{":
+        depth += 1
+      elif c == "}":
+        depth -= 1
+        if depth == 0:
+          yield text[start:end + 1]
+          break
+
+
+def _load_dict(span: str):
+  """A dict from JSON or a Python literal (also with JSON's true/false/null); else None."""
+  for attempt in (json.loads, ast.literal_eval,
+                  lambda s: ast.literal_eval(re.sub(r"\b(true|false|null)\b",
+                                                    lambda m: {"true": "True", "false": "False",
+                                                               "null": "None"}[m.group(1)], s))):
+    try:
+      value = attempt(span)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+      continue
+    if isinstance(value, dict):
+      return value
+  return None
+
+
+def _field(d: dict, keys):
+  norm = {str(k).strip().lower().replace("_", " ").replace("-", " "): v for k, v in d.items()}
+  for key in keys:
+    if key in norm:
+      return True, norm[key]
+  return False, None
+
+
+def _verdict(value):
+  if isinstance(value, bool):
+    return "yes" if value else "no"
+  match = re.match(r"^\W*(yes|no)\b", str(value).strip().lower())
+  return match.group(1) if match else None
+
+
+def _score(value):
+  if isinstance(value, bool):
+    return None
+  if isinstance(value, (int, float)):
+    score = float(value)
+  else:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*5(?:\.0+)?)?\s*\.?", str(value))
+    if not match:
+      return None
+    score = float(match.group(1))
+  return score if math.isfinite(score) and 0.0 <= score <= 5.0 else None
+
+
+def _failure(value):
+  if isinstance(value, (list, tuple)):
+    value = "; ".join(str(v).strip() for v in value if str(v).strip())
+  if value is None:
+    return "None"
+  text = str(value).strip()
+  return "None" if text.lower().rstrip(".") in _NO_FAILURE else text
+
+
+def _answer_from_dict(d: dict, describe: bool):
+  """(fields, None) or (None, reason) for one parsed dictionary."""
+  has_v, verdict = _field(d, _VERDICT_KEYS)
+  has_s, score = _field(d, _SCORE_KEYS)
+  if not has_v or not has_s:
+    return None, f"dictionary lacks {'verdict' if not has_v else 'score'}: keys {sorted(map(str, d))}"
+  fields = {"verdict": _verdict(verdict), "score": _score(score)}
+  if fields["verdict"] is None:
+    return None, f"verdict {verdict!r} is not yes/no"
+  if fields["score"] is None:
+    return None, f"score {score!r} is not a number in [0, 5]"
+  if describe:
+    has_f, failure = _field(d, _FAILURE_KEYS)
+    if not has_f and fields["verdict"] == "yes" and fields["score"] == 5.0:
+      has_f, failure = True, None  # A perfect answer may omit "nothing is wrong".
+    if not has_f:
+      return None, f"dictionary lacks a failure description: keys {sorted(map(str, d))}"
+    fields["failure"] = _failure(failure)
+  return fields, None
+
+
+def parse_answer(text: str | None, describe: bool = False):
+  """Reads a judge's answer: (fields, None) or (None, reason).
+
+  Accepts a JSON object or a Python dict literal (single quotes, True/False), anywhere in
+  the text (markdown fences and stray words around it are ignored). `fields` holds
+  `verdict` ("yes"/"no"), `score` (float in [0, 5]) and, if `describe`, `failure` (str,
+  "None" when nothing is wrong). The first dictionary that reads as a full answer wins.
+  """
+  if not text or not text.strip():
+    return None, "empty answer"
+  reason = "no dictionary in the answer"
+  for span in _dict_spans(text):
+    d = _load_dict(span)
+    if d is None:
+      reason = f"cannot read {span[:80]!r} as a dictionary"
+      continue
+    fields, why = _answer_from_dict(d, describe)
+    if fields is not None:
+      return fields, None
+    reason = why
+  return None, reason
+
+
+# ------------------------------------------------------------------------------ images
+
+def image_hash(img: np.ndarray | None) -> str | None:
+  """sha256 of the pixels (uint8 [H, W, 3]) and their shape: same pixels, same hash."""
+  if img is None:
+    return None
+  arr = np.ascontiguousarray(np.asarray(img, np.uint8))
+  return hashlib.sha256(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
+
+
+def to_data_url(img: np.ndarray, max_side: int = 0, quality: int = 90) -> str:
+  """uint8 [H, W, 3] -> "data:image/jpeg;base64,...", longest side cut to `max_side` (0: keep)."""
+  pil = Image.fromarray(np.asarray(img, np.uint8))
+  if max_side and max(pil.size) > max_side:
+    scale = max_side / max(pil.size)
+    pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))),
+                     Image.LANCZOS)
+  buf = io.BytesIO()
+  pil.save(buf, format="JPEG", quality=quality)
+  return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ---------------------------------------------------------------------------- requests
+
+@dataclasses.dataclass
+class Query:
+  """What a backend judges: uint8 [H, W, 3] images (edited may differ in size)."""
+  perspective: str
+  instruction: str
+  original: np.ndarray
+  edited: np.ndarray
+  describe: bool = False
+
+
+@dataclasses.dataclass
+class Request:
+  """One judgment to make. `load_fn() -> (original, edited)` runs in a worker thread, so
+  images are read only when needed; `meta` is copied into the result (item fields)."""
+  item: str
+  perspective: str
+  instruction: str
+  load_fn: Callable[[], tuple]
+  describe: bool = False
+  meta: dict = dataclasses.field(default_factory=dict)
+
+
+class JudgeFailure(Exception):
+  """No usable answer: `status` ("failed" or "budget_exhausted"), message, attempts made."""
+
+  def __init__(self, status: str, message: str, attempts: int = 0):
+    super().__init__(message)
+    self.status, self.message, self.attempts = status, message, attempts
+
+
+class Budget:
+  """A thread-safe count of requests a run may still send (None: no limit)."""
+
+  def __init__(self, max_requests: int = 0):
+    self.left = max_requests if max_requests and max_requests > 0 else None
+    self.used = 0
+    self._lock = threading.Lock()
+
+  def take(self) -> bool:
+    with self._lock:
+      if self.left is not None:
+        if self.left <= 0:
+          return False
+        self.left -= 1
+      self.used += 1
+      return True
+
+
+def cache_key(query: Query, model: str, prompt_version: str = PROMPT_VERSION) -> str:
+  """sha256 over everything the answer depends on; the original only where it is shown."""
+  parts = [image_hash(query.original) if uses_original(query.perspective) else None,
+           image_hash(query.edited),
+           query.instruction if uses_original(query.perspective) else None,
+           query.perspective, model, prompt_version, bool(query.describe)]
+  return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------- files
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `path` via a temp file in the same folder, fsync and rename."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{threading.get_ident()}")
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: str, rows) -> None:
+  write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+class JudgmentCache:
+  """Append-only JSONL of paid answers: one line {"key": str, "judgment": {...}}.
+
+  Each line is written in one call, flushed and fsynced, so a killed run loses at most the
+  answer in flight; a torn last line is skipped on load (and sealed by the next append).
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._lock = threading.Lock()
+    self._file = None
+    self._entries, self.torn = self._load()
+
+  def _load(self):
+    entries, torn = {}, 0
+    if os.path.isfile(self.path):
+      with open(self.path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+          try:
+            row = json.loads(line)
+            entries[row["key"]] = row["judgment"]
+          except (ValueError, KeyError, TypeError):
+            torn += 1
+    if torn:
+      logging.warning("judge cache %s: skipped %d unreadable line(s)", self.path, torn)
+    return entries, torn
+
+  def __len__(self):
+    return len(self._entries)
+
+  def get(self, key: str):
+    with self._lock:
+      return self._entries.get(key)
+
+  def put(self, key: str, judgment: dict) -> None:
+    line = json.dumps({"key": key, "judgment": judgment}, sort_keys=True) + "\n"
+    with self._lock:
+      if self._file is None:
+        self._file = self._open()
+      self._file.write(line)
+      self._file.flush()
+      os.fsync(self._file.fileno())
+      self._entries[key] = judgment
+
+  def _open(self):
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    sealed = True
+    if os.path.isfile(self.path) and os.path.getsize(self.path) > 0:
+      with open(self.path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        sealed = f.read(1) == b"\n"
+    f = open(self.path, "a", encoding="utf-8")
+    if not sealed:
+      f.write("\n")
+    return f
+
+  def close(self) -> None:
+    with self._lock:
+      if self._file is not None:
+        self._file.close()
+        self._file = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+# ---------------------------------------------------------------------------- backends
+
+def judge_config() -> ml_collections.ConfigDict:
+  """The judge fields shared by configs/evaluate.py and configs/annotate.py."""
+  c = ml_collections.ConfigDict()
+  c.backend = "openai"  # openai (any chat-completions endpoint) | synthetic (offline, exact)
+  c.model = "gpt-4o"  # model name sent to the endpoint; part of every cache key
+  c.base_url = ""  # "" -> $OPENAI_BASE_URL or the official endpoint; e.g. http://host:8000/v1
+  c.api_key = ""  # prefer the environment (api_key_env); never logged or saved
+  c.api_key_env = "OPENAI_API_KEY"  # environment variable holding the key
+  c.timeout_s = 60.0  # per request (seconds); a request past it is retried
+  c.max_retries = 5  # retries after the first try (429, 5xx, timeouts, connection errors)
+  c.backoff_s = 1.0  # first retry delay; doubles per retry, with jitter (x0.5..1)
+  c.backoff_max_s = 60.0  # cap of one backoff delay
+  c.retry_after_max_s = 120.0  # cap of a server's Retry-After
+  c.concurrency = 4  # requests in flight at once (threads)
+  c.max_requests = 0  # request budget of one run, retries included; 0: no limit
+  c.max_side = 1024  # images are downscaled to this longest side before sending (0: never)
+  c.jpeg_quality = 90  # JPEG quality of the images sent
+  c.detail = "auto"  # image_url detail: auto | low | high
+  c.temperature = 0.0
+  c.max_tokens = 300  # max_completion_tokens of an answer
+  c.cache = ""  # JSONL cache path; "" -> <workdir>/judge_cache.jsonl
+  c.rejudge_unparsed = False  # ask again (and pay) for cached answers that did not parse
+  c.truth = ""  # synthetic backend: the truth index JSON (see write_truth_index)
+  c.yes_threshold = 4.0  # synthetic backend: verdict "yes" when the score reaches this
+  return c
+
+
+def _scrub(text: str, secret: str | None) -> str:
+  return text.replace(secret, "***") if secret else text
+
+
+def _retry_after(headers) -> float | None:
+  """Seconds a response asks us to wait (retry-after-ms, Retry-After seconds or date)."""
+  if headers is None:
+    return None
+  ms = headers.get("retry-after-ms")
+  if ms:
+    try:
+      return float(ms) / 1000.0
+    except ValueError:
+      pass
+  value = headers.get("retry-after")
+  if not value:
+    return None
+  try:
+    return max(0.0, float(value))
+  except ValueError:
+    pass
+  try:
+    return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+  except (TypeError, ValueError, IndexError, OverflowError):
+    return None
+
+
+class OpenAIBackend:
+  """Chat completions through the official client, with our own bounded retry loop."""
+
+  name = "openai"
+
+  def __init__(self, cfg, *, sleep_fn=time.sleep, seed: int | None = None):
+    self.model = cfg.model
+    self.cfg = cfg
+    self._key = cfg.api_key or os.environ.get(cfg.api_key_env or "OPENAI_API_KEY", "")
+    if not self._key:
+      raise ConfigError(f"judge: no API key: set ${cfg.api_key_env} (or config.judge.api_key) "
+                        f"for config.judge.backend='openai'")
+    import openai  # Only this backend needs it.
+    self._openai = openai
+    self._client = openai.OpenAI(api_key=self._key, base_url=cfg.base_url or None,
+                                 timeout=cfg.timeout_s, max_retries=0)
+    self._sleep = sleep_fn
+    self._rng = random.Random(seed)
+
+  def messages(self, query: Query) -> list:
+    images = [query.original, query.edited] if uses_original(query.perspective) else [query.edited]
+    content = [{"type": "image_url", "image_url": {
+        "url": to_data_url(img, self.cfg.max_side, self.cfg.jpeg_quality), "detail": self.cfg.detail}}
+               for img in images]
+    content.append({"type": "text", "text": build_prompt(query.perspective, query.instruction,
+                                                         query.describe)})
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+
+  def answer(self, query: Query, budget: Budget):
+    """(text, attempts, usage) or JudgeFailure once retries or the budget are spent."""
+    messages = self.messages(query)
+    attempts = 0
+    while True:
+      if not budget.take():
+        raise JudgeFailure("budget_exhausted", "the run's request budget is spent", attempts)
+      attempts += 1
+      try:
+        response = self._client.chat.completions.create(
+            model=self.model, messages=messages, temperature=self.cfg.temperature,
+            max_completion_tokens=self.cfg.max_tokens)
+        return _content(response), attempts, _usage(response)
+      except self._openai.OpenAIError as e:
+        delay, reason = self._retry_delay(e, attempts)
+        if delay is None or attempts > self.cfg.max_retries:
+          raise JudgeFailure("failed", _scrub(reason, self._key), attempts) from None
+        logging.info("judge: %s; retry %d in %.2f s", _scrub(reason, self._key), attempts, delay)
+        self._sleep(delay)
+
+  def _retry_delay(self, error, attempts: int):
+    """(seconds to wait or None if not retryable, reason) for an openai error."""
+    o = self._openai
+    backoff = min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempts - 1))
+    backoff *= self._rng.uniform(0.5, 1.0)
+    if isinstance(error, o.APITimeoutError):
+      return backoff, f"timeout after {self.cfg.timeout_s} s"
+    if isinstance(error, o.APIConnectionError):
+      return backoff, f"connection error: {error}"
+    if isinstance(error, o.APIStatusError):
+      status = error.status_code
+      reason = f"HTTP {status}: {str(error)[:300]}"
+      if status in (408, 409, 429) or status >= 500:
+        wait = _retry_after(error.response.headers)
+        return (backoff if wait is None else min(wait, self.cfg.retry_after_max_s)), reason
+      return None, reason
+    return None, f"{type(error).__name__}: {error}"
+
+
+def _content(response) -> str:
+  choices = getattr(response, "choices", None) or []
+  message = getattr(choices[0], "message", None) if choices else None
+  return (getattr(message, "content", None) or "") if message is not None else ""
+
+
+def _usage(response):
+  usage = getattr(response, "usage", None)
+  return getattr(usage, "total_tokens", None) if usage is not None else None
+
+
+def truth_key(original: np.ndarray, instruction: str) -> str:
+  return f"{image_hash(original)} {instruction}"
+
+
+def write_truth_index(path: str, entries) -> None:
+  """Writes the synthetic backend's index of ground truths, atomically.
+
+  entries: iterable of (original uint8 [H, W, 3], instruction, truth path relative to the
+  index's folder, failures: (text when not applied, text when partly applied) or None).
+  """
+  index = {truth_key(o, instr): {"truth": rel, "failures": list(f) if f else None}
+           for o, instr, rel, f in entries}
+  write_text_atomic(path, json.dumps({"version": 1, "entries": index}, indent=1, sort_keys=True))
+
+
+class SyntheticBackend:
+  """Offline judge of the synthetic world: exact scores against the stored ground truth."""
+
+  name = "synthetic"
+  model = "synthetic-exact"
+  _GENERIC = ("the edit is not applied", "the edit is only partly applied")
+
+  def __init__(self, truth_path: str, yes_threshold: float = 4.0):
+    index = records.load_source_json(truth_path, "judge", "the synthetic truth index")
+    if not isinstance(index, dict) or not isinstance(index.get("entries"), dict):
+      raise ValueError(f"judge: {truth_path} is not a truth index ({{'entries': {{...}}}})")
+    self.entries, self.root = index["entries"], os.path.dirname(os.path.abspath(truth_path))
+    self.yes_threshold = yes_threshold
+
+  def answer(self, query: Query, budget: Budget):
+    entry = self.entries.get(truth_key(query.original, query.instruction))
+    if entry is None:
+      raise JudgeFailure("failed", f"no ground truth for this original and instruction "
+                         f"{query.instruction!r}")
+    truth = records.load_rgb(records.safe_join(self.root, entry["truth"], "truth"))
+    edited = query.edited
+    if edited.shape != truth.shape:
+      edited = np.asarray(Image.fromarray(edited).resize(truth.shape[1::-1], Image.BICUBIC))
+    measures = synthetic.judge(query.original, truth, edited)
+    texts = synthetic.failure_texts(measures, entry.get("failures") or self._GENERIC)
+    i = PERSPECTIVES.index(query.perspective)
+    score = round(float(measures["scores"][i]), 3)
+    answer = {"verdict": "yes" if score >= self.yes_threshold else "no", "score": score}
+    if query.describe:
+      answer["failure"] = texts[i]
+    return repr(answer), 1, None
+
+
+def make_backend(cfg):
+  """The backend config.judge names."""
+  if cfg.backend == "openai":
+    return OpenAIBackend(cfg)
+  if cfg.backend == "synthetic":
+    if not cfg.truth:
+      raise ConfigError("config.judge.truth is required for config.judge.backend='synthetic'")
+    return SyntheticBackend(cfg.truth, cfg.yes_threshold)
+  raise ConfigError(f"config.judge.backend={cfg.backend!r}: expected 'openai' or 'synthetic'")
+
+
+# ------------------------------------------------------------------------------ judging
+
+def _base_record(backend, request: Request) -> dict:
+  return {**request.meta, "item": request.item, "perspective": request.perspective,
+          "instruction": request.instruction, "prompt_version": PROMPT_VERSION,
+          "model": backend.model, "backend": backend.name}
+
+
+def judge_one(backend, request: Request, cache: JudgmentCache, budget: Budget,
+              rejudge_unparsed: bool = False) -> dict:
+  """One result record: a cached answer, a new (cached) answer, or a failure."""
+  record = _base_record(backend, request)
+  try:
+    original, edited = request.load_fn()
+  except (records.BadRecord, OSError, ValueError) as e:
+    return {**record, "status": "no_edit", "error": str(e)}
+  query = Query(request.perspective, request.instruction, original, edited, request.describe)
+  key = cache_key(query, backend.model)
+  hit = cache.get(key)
+  if hit is not None and not (rejudge_unparsed and hit.get("status") == "unparsed"):
+    return {**record, **hit, "cached": True}
+  start = time.monotonic()
+  try:
+    text, attempts, usage = backend.answer(query, budget)
+  except JudgeFailure as e:
+    return {**record, "status": e.status, "error": e.message, "attempts": e.attempts,
+            "latency_s": round(time.monotonic() - start, 4), "cached": False}
+  fields, reason = parse_answer(text, request.describe)
+  judgment = {"status": "ok" if fields else "unparsed", "verdict": None, "score": None,
+              **(fields or {}), "raw": text, "error": reason, "attempts": attempts,
+              "latency_s": round(time.monotonic() - start, 4), "usage_tokens": usage,
+              "model": backend.model, "prompt_version": PROMPT_VERSION}
+  cache.put(key, judgment)
+  return {**record, **judgment, "cached": False}
+
+
+def judge_all(backend, requests: list, cache: JudgmentCache, *, concurrency: int = 4,
+              budget: Budget | None = None, rejudge_unparsed: bool = False,
+              log_every: int = 50) -> list:
+  """Judges `requests` with up to `concurrency` in flight; records in request order."""
+  budget = budget or Budget(0)
+  results = [None] * len(requests)
+  with futures.ThreadPoolExecutor(max_workers=max(1, int(concurrency))) as pool:
+    jobs = {pool.submit(judge_one, backend, r, cache, budget, rejudge_unparsed): i
+            for i, r in enumerate(requests)}
+    for done, job in enumerate(futures.as_completed(jobs), 1):
+      results[jobs[job]] = job.result()
+      if done % log_every == 0 or done == len(requests):
+        logging.info("judged %d/%d (requests sent: %d)", done, len(requests), budget.used)
+  return results
+
+
+def judge_with_config(cfg, workdir: str, requests: list) -> list:
+  """Judges `requests` as config.judge says, through its cache (default in `workdir`)."""
+  backend = make_backend(cfg)
+  budget = Budget(cfg.max_requests)
+  with JudgmentCache(cfg.cache or os.path.join(workdir, "judge_cache.jsonl")) as cache:
+    results = judge_all(backend, requests, cache, concurrency=cfg.concurrency, budget=budget,
+                        rejudge_unparsed=cfg.rejudge_unparsed)
+  logging.info("requests sent: %d; judgments by status: %s", budget.used, status_counts(results))
+  return results
+
+
+def status_counts(results) -> dict:
+  counts = {s: 0 for s in STATUSES}
+  for r in results:
+    counts[r["status"]] = counts.get(r["status"], 0) + 1
+  return counts
