@@ -13,10 +13,12 @@ from mre_jax.errors import ConfigError
 
 # job name -> "module:function"; each function takes (config, workdir).
 JOBS = {
+    "train": "mre_jax.train:train_and_evaluate",
     "convert": "mre_jax.export:convert",
     "export": "mre_jax.export:export",
     "evaluate": "mre_jax.evaluators:evaluate",
     "annotate": "mre_jax.annotate:annotate",
+    "edit": "mre_jax.edit:edit",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:variant]).",
@@ -32,6 +34,8 @@ def _fail(message: str, code: int) -> None:
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO
   config = _CONFIG.value
   job = config.get("job")
   if job not in JOBS:

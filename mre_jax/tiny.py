@@ -65,27 +65,28 @@ def write_tokenizer(folder: Path, words=WORDS) -> int:
   return len(vocab)
 
 
-def random_params(seed: int = 0, unet: models.UNetConfig = UNET, reward: bool = True, vocab_size: int = 1000):
-  """Random float32 Flax params: (unet, vae, text encoder)."""
-  unet_params = models.init_unet_params(models.RewardUNet(unet, reward=reward), seed)
-  vae_params = weights.init_like_torch(pretrained.vae_param_shapes(pretrained.make_vae(VAE)), seed + 1)
-  text = pretrained.make_text_encoder(text_config(vocab_size))
-  text_params = weights.init_like_torch(pretrained.text_encoder_param_shapes(text), seed + 2)
-  return unet_params, vae_params, text_params
-
-
-def write_tiny_model_folder(folder: str | Path, seed: int = 0, unet: models.UNetConfig = UNET,
-                            reward: bool = True) -> Path:
-  """A random diffusers-format InstructPix2Pix folder with the tiny architecture."""
+def write_frozen_parts(folder: str | Path, seed: int = 0) -> Path:
+  """Random tiny tokenizer/, vae/, text_encoder/ and scheduler/ in diffusers format."""
   folder = Path(folder)
   vocab_size = write_tokenizer(folder / "tokenizer")
-  unet_params, vae_params, text_params = random_params(seed, unet, reward, vocab_size)
-  export.write_component(folder / "unet", unet.to_diffusers(), export.unet_state_dict(unet_params),
-                         export.UNET_WEIGHTS)
+  vae = pretrained.make_vae(VAE)
+  vae_params = weights.init_like_torch(pretrained.vae_param_shapes(vae), seed + 1)
+  text = pretrained.make_text_encoder(text_config(vocab_size))
+  text_params = weights.init_like_torch(pretrained.text_encoder_param_shapes(text), seed + 2)
   export.write_component(folder / "vae", VAE, pretrained.vae_state_dict(vae_params), export.UNET_WEIGHTS)
   export.write_component(folder / "text_encoder", text_config(vocab_size),
                          pretrained.text_encoder_state_dict(text_params), export.TEXT_WEIGHTS)
   (folder / "scheduler").mkdir(exist_ok=True)
   (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(export.SCHEDULER_CONFIG))
+  return folder
+
+
+def write_tiny_model_folder(folder: str | Path, seed: int = 0, unet: models.UNetConfig = UNET,
+                            reward: bool = True) -> Path:
+  """A random diffusers-format InstructPix2Pix folder with the tiny architecture."""
+  folder = write_frozen_parts(folder, seed)
+  unet_params = models.init_unet_params(models.RewardUNet(unet, reward=reward), seed)
+  export.write_component(folder / "unet", unet.to_diffusers(), export.unet_state_dict(unet_params),
+                         export.UNET_WEIGHTS)
   (folder / "model_index.json").write_text(json.dumps(export.MODEL_INDEX))
   return folder

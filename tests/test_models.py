@@ -89,7 +89,7 @@ def test_reward_off_is_the_plain_instructpix2pix_unet():
 
 def test_scores_and_reward_text_change_the_output():
   model = models.RewardUNet(tiny.UNET)
-  params = tiny.random_params(seed=5)[0]
+  params = models.init_unet_params(models.RewardUNet(tiny.UNET), 5)
   x = _inputs(tiny.UNET, 1, 8, seed=6)
   base = _apply(model, params, **x)
   low_scores = _apply(model, params, **{**x, "scores": x["scores"] * 0.2})
@@ -113,7 +113,7 @@ def test_widened_conv_in_with_zero_channels_gives_the_4_channel_output():
 
 
 def test_dropout_only_in_training_and_remat_keeps_values_and_gradients():
-  params = tiny.random_params(seed=10)[0]
+  params = models.init_unet_params(models.RewardUNet(tiny.UNET), 10)
   x = _inputs(tiny.UNET, 2, 8, seed=11)
   model, remat = models.RewardUNet(tiny.UNET), models.RewardUNet(tiny.UNET, remat=True)
   eval_a = _apply(model, params, **x)
@@ -130,7 +130,7 @@ def test_dropout_only_in_training_and_remat_keeps_values_and_gradients():
 
 
 def test_bfloat16_compute_with_float32_params():
-  params = tiny.random_params(seed=12)[0]
+  params = models.init_unet_params(models.RewardUNet(tiny.UNET), 12)
   x = _inputs(tiny.UNET, 2, 8, seed=13)
   out32 = _apply(models.RewardUNet(tiny.UNET), params, **x)
   out16 = _apply(models.RewardUNet(tiny.UNET, dtype=jnp.bfloat16), params, **x)

@@ -1,0 +1,90 @@
+"""Training config. Variants: default (embedded tiny demo on synthetic data) and `sd15` (the paper).
+
+python main.py --config=configs/train.py --workdir=W
+python main.py --config=configs/train.py:sd15 --config.model.pretrained=IP2P_DIR \
+    --config.data.manual_dir=REWARD_EDIT_DIR --workdir=W
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None):
+  config = ml_collections.ConfigDict()
+  config.job = "train"
+  config.seed = 0  # parameters, data order, noise: a run is a function of the seed
+  config.stage = 2  # 1: InstructPix2Pix (no rewards); 2: MRE (reward conditioning)
+  config.num_steps = 300  # optimiser steps
+  config.batch_size = 8  # global examples per optimiser step (all processes, all microbatches)
+  config.grad_accum_steps = 1  # microbatches per optimiser step
+  config.cond_dropout = 0.05  # p: instruction dropped when r < 2p, image when p <= r < 3p
+  config.log_every = 10  # steps between TensorBoard scalars / progress updates
+
+  config.model = ml_collections.ConfigDict()
+  config.model.init = "tiny"  # tiny: random tiny model; pretrained: from model.pretrained
+  config.model.pretrained = ""  # diffusers folder (SD 1.5, InstructPix2Pix, stage 1) or project checkpoint
+  config.model.reward = True  # stage 2 only: False is the no-reward ablation on reward data
+  config.model.dtype = "float32"  # compute dtype (params stay float32): float32 | bfloat16
+  config.model.remat = False  # gradient checkpointing of the U-Net blocks
+  config.model.reward_dropout = 0.1  # dropout inside the MRC block (training only)
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "synthetic_edit"  # a builder in data/: synthetic_edit, instruct_pix2pix, reward_edit
+  config.data.builder_config = "32px"  # builder config name ("" = the builder's default)
+  config.data.data_dir = ""  # where TFDS data is built/read ("" = <workdir>/tfds)
+  config.data.manual_dir = ""  # local source files for instruct_pix2pix / reward_edit
+  config.data.split = "train"
+  config.data.crop_size = 32  # training resolution in pixels (256 for SD)
+  config.data.resize = "short_side"  # short_side + random crop, or square (the release)
+  config.data.worker_count = 0  # grain worker processes (0: threads in this process)
+  config.data.prefetch = 8  # batches prefetched
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 3e-4  # the tiny demo learns faster than the paper's 5e-5
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.weight_decay = 1e-2
+  config.optim.clip_norm = 1.0  # global-norm gradient clipping
+  config.optim.warmup_steps = 0  # linear warm-up steps, then constant
+
+  config.ema = ml_collections.ConfigDict()  # diffusers EMAModel defaults
+  config.ema.decay = 0.9999  # cap of the (1 + s) / (10 + s) rule
+  config.ema.min_decay = 0.0
+  config.ema.update_after_step = 0
+  config.ema.use_warmup = False
+  config.ema.inv_gamma = 1.0
+  config.ema.power = 2 / 3
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # data-parallel axis size (-1: devices left over)
+  config.mesh.fsdp = 1  # axis that also splits params / EMA / optimiser state
+  config.mesh.fsdp_min_size = 2**14  # arrays smaller than this stay replicated
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 100  # steps between saves (also saved at the end and on SIGTERM)
+  config.checkpoint.keep = 3  # checkpoints kept
+  config.checkpoint.async_save = True
+
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.initialize = False  # call jax.distributed.initialize (multi-host)
+  config.distributed.coordinator_address = ""  # host:port ("" = from the environment)
+  config.distributed.num_processes = 0  # 0 = from the environment
+  config.distributed.process_id = -1  # -1 = from the environment
+
+  if arg == "sd15":  # SPEC section 3: stage 2 from an InstructPix2Pix / stage-1 folder
+    config.num_steps = 10_000
+    config.batch_size = 16  # per GPU 4 x 4 accumulation in the release; scale with devices
+    config.grad_accum_steps = 4
+    config.log_every = 50
+    config.model.init = "pretrained"
+    config.model.dtype = "bfloat16"
+    config.model.remat = True
+    config.data.name = "reward_edit"
+    config.data.builder_config = ""
+    config.data.crop_size = 256
+    config.data.worker_count = 8
+    config.optim.lr = 5e-5
+    config.checkpoint.every = 1000
+  elif arg not in (None, "", "tiny"):
+    raise ValueError(f"configs/train.py: unknown variant {arg!r} (expected tiny or sd15)")
+  return config

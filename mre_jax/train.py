@@ -1,0 +1,399 @@
+"""Training of stage 1 (InstructPix2Pix) and stage 2 (MRE), SPEC section 3.
+
+Data flows: grain batches (per process) -> global sharded arrays -> `train_step` (pure, jitted
+once with explicit shardings, state donated) -> metrics / checkpoints / samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from mre_jax import checkpointing, diffusion, export, models, pretrained, sharding, tiny
+from mre_jax.errors import ConfigError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # optimiser steps taken
+  params: Any  # U-Net + reward modules, float32
+  ema_params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+  """The frozen modules (VAE, CLIP text encoder, tokenizer); their params travel separately."""
+
+  vae: Any
+  text_encoder: Any
+  tokenizer: Any
+  scaling_factor: float
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def validate(config, num_devices: int) -> None:
+  """Fails on bad values before anything is compiled, naming the field."""
+  if config.optim.lr <= 0:
+    raise ConfigError(f"config.optim.lr={config.optim.lr}: must be > 0")
+  if config.num_steps < 1:
+    raise ConfigError(f"config.num_steps={config.num_steps}: must be >= 1")
+  if config.stage not in (1, 2):
+    raise ConfigError(f"config.stage={config.stage!r}: expected 1 (InstructPix2Pix) or 2 (MRE)")
+  if config.model.dtype not in DTYPES:
+    raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected one of {sorted(DTYPES)}")
+  if config.model.init not in ("tiny", "pretrained"):
+    raise ConfigError(f"config.model.init={config.model.init!r}: expected 'tiny' or 'pretrained'")
+  if config.model.init == "pretrained" and not Path(config.model.pretrained or "/nonexistent").is_dir():
+    raise ConfigError(f"config.model.pretrained={config.model.pretrained!r}: not a folder (a diffusers-format "
+                      "model folder or a project checkpoint)")
+  micro = config.batch_size // max(config.grad_accum_steps, 1)
+  if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
+    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
+                      f"config.grad_accum_steps={config.grad_accum_steps}")
+  if micro % num_devices:
+    raise ConfigError(f"config.batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} = "
+                      f"{micro} is not divisible by the {num_devices} devices of the mesh")
+  if not 0 <= config.cond_dropout < 1 / 3:
+    raise ConfigError(f"config.cond_dropout={config.cond_dropout}: must be in [0, 1/3)")
+
+
+# ----------------------------------------------------------------------------- model setup
+
+
+def prepare_workdir(config, workdir: Path) -> checkpointing.ModelSpec:
+  """Writes the model spec and frozen parts into a new workdir; reads them from an old one."""
+  if checkpointing.is_checkpoint(workdir):
+    return checkpointing.read_spec(workdir)
+  reward = config.stage == 2 and config.model.reward
+  if config.model.init == "tiny":
+    unet_cfg = dataclasses.replace(tiny.UNET, **config.model.get("unet", {}))
+    spec, params = checkpointing.ModelSpec(unet_cfg, reward, source="random tiny"), None
+  elif checkpointing.is_checkpoint(config.model.pretrained):
+    source = checkpointing.read_spec(config.model.pretrained)
+    spec, params = dataclasses.replace(source, reward=reward), None
+  else:
+    spec, params = export.unet_from_diffusers(config.model.pretrained, reward=reward, seed=config.seed)
+  if jax.process_index() == 0:
+    tmp = checkpointing.staging_dir(workdir / checkpointing.FROZEN_DIR)
+    if config.model.init == "tiny":
+      tiny.write_frozen_parts(tmp, seed=config.seed)
+    else:
+      source = config.model.pretrained
+      source = checkpointing.frozen_dir(source) if checkpointing.is_checkpoint(source) else source
+      tmp.rmdir()
+      export.copy_frozen_parts(source, tmp)
+    checkpointing.publish(tmp, workdir / checkpointing.FROZEN_DIR)
+  _sync("frozen parts written")
+  return spec
+
+
+def initial_params(config, spec: checkpointing.ModelSpec) -> Any:
+  """Host (numpy) U-Net params to start from, when the workdir has no checkpoint."""
+  model = models.RewardUNet(spec.unet, reward=spec.reward)
+  if config.model.init == "tiny":
+    return models.init_unet_params(model, config.seed)
+  if checkpointing.is_checkpoint(config.model.pretrained):
+    _, params = checkpointing.restore_params(config.model.pretrained, use_ema=True)
+    fresh = models.init_unet_params(model, config.seed)
+    params = {k: v for k, v in params.items() if k not in models.REWARD_MODULES or spec.reward}
+    return {**{k: v for k, v in fresh.items() if k in models.REWARD_MODULES}, **params} if spec.reward else params
+  return export.unet_from_diffusers(config.model.pretrained, reward=spec.reward, seed=config.seed)[1]
+
+
+def load_frozen(workdir: Path, dtype) -> tuple[Frozen, dict]:
+  """(modules, host params {"vae", "text", "empty_ids" [1, 77]}) of a workdir's frozen parts."""
+  folder = checkpointing.frozen_dir(workdir)
+  vae, vae_params = pretrained.load_vae(folder, dtype)
+  text_encoder, text_params = pretrained.load_text_encoder(folder, dtype)
+  tokenizer = pretrained.load_tokenizer(folder)
+  frozen = Frozen(vae, text_encoder, tokenizer, float(vae.config.scaling_factor))
+  return frozen, {"vae": vae_params, "text": text_params, "empty_ids": pretrained.tokenize(tokenizer, [""])}
+
+
+def make_optimizer(optim) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping; constant lr after an optional linear warm-up."""
+  lr = optax.join_schedules(
+      [optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1)), optax.constant_schedule(optim.lr)],
+      [optim.warmup_steps]) if optim.warmup_steps > 0 else optim.lr
+  return optax.chain(
+      optax.clip_by_global_norm(optim.clip_norm),
+      optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
+
+
+def ema_decay(step: jax.Array, ema) -> jax.Array:
+  """diffusers EMAModel's decay at optimisation step `step` (1-based): (1+s)/(10+s), capped."""
+  s = jnp.maximum(step - ema.update_after_step - 1, 0).astype(jnp.float32)
+  if ema.use_warmup:
+    value = 1 - (1 + s / ema.inv_gamma) ** -ema.power
+  else:
+    value = (1 + s) / (10 + s)
+  value = jnp.clip(value, ema.min_decay, ema.decay)
+  return jnp.where(s <= 0, 0.0, value)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _encode(frozen: Frozen, fparams, batch, rng):
+  """Frozen encoders: (target latents, image cond, instruction context, reward embeddings)."""
+  vae, text = frozen.vae, frozen.text_encoder
+  mean, logvar = pretrained.vae_encode(vae, fparams["vae"], batch["edited"])
+  latents = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)) * frozen.scaling_factor
+  cond, _ = pretrained.vae_encode(vae, fparams["vae"], batch["original"])
+  context, _ = pretrained.encode_text(text, fparams["text"], batch["instruction_ids"])
+  _, reward_embeds = pretrained.encode_text(text, fparams["text"], batch["reward_ids"])
+  empty, _ = pretrained.encode_text(text, fparams["text"], fparams["empty_ids"])
+  out = (latents, cond, context, reward_embeds, jnp.broadcast_to(empty, context.shape))
+  return jax.tree_util.tree_map(lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)), out)
+
+
+def loss_fn(params, batch, rng, *, unet, frozen: Frozen, fparams, schedule, config):
+  """MSE between predicted and true noise for one microbatch (SPEC section 3)."""
+  k_lat, k_noise, k_t, k_drop, k_dropout = jax.random.split(rng, 5)
+  latents, cond, context, reward_embeds, empty = _encode(frozen, fparams, batch, k_lat)
+  b = latents.shape[0]
+  noise = jax.random.normal(k_noise, latents.shape)
+  t = diffusion.sample_timesteps(k_t, b, schedule.num_train_timesteps)
+  noisy = diffusion.add_noise(schedule, latents, noise, t)
+  p = config.cond_dropout
+  r = jax.random.uniform(k_drop, (b, 1, 1))
+  context = jnp.where(r < 2 * p, empty, context)
+  cond = jnp.where(((r >= p) & (r < 3 * p))[..., None], 0.0, cond)
+  eps = unet.apply({"params": params}, jnp.concatenate([noisy, cond], -1), t, context, batch["scores"],
+                   reward_embeds, train=True, rngs={"dropout": k_dropout})
+  return jnp.mean((eps.astype(jnp.float32) - noise) ** 2)
+
+
+def train_step(state: TrainState, batch, fparams, rng, *, unet, frozen, tx, schedule, config):
+  """One optimiser step over `config.grad_accum_steps` microbatches; returns (state, metrics)."""
+  rng = jax.random.fold_in(rng, state.step)
+  accum = config.grad_accum_steps
+  micro = jax.tree_util.tree_map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, unet=unet, frozen=frozen, fparams=fparams,
+                                                 schedule=schedule, config=config))
+
+  def accumulate(carry, xs):
+    loss_sum, grad_sum = carry
+    i, mb = xs
+    loss, grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+    return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+  (loss, grads), _ = jax.lax.scan(accumulate, (0.0, zeros), (jnp.arange(accum), micro))
+  loss, grads = loss / accum, jax.tree_util.tree_map(lambda g: g / accum, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = ema_decay(state.step + 1, config.ema)
+  ema = jax.tree_util.tree_map(lambda e, p: e - (1 - decay) * (e - p), state.ema_params, params)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "ema_decay": decay}
+  return TrainState(state.step + 1, params, ema, opt_state), metrics
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _save(manager, state: TrainState, data_iter) -> None:
+  step = int(jax.device_get(state.step))
+  items = dict(params=ocp.args.StandardSave(state.params), ema_params=ocp.args.StandardSave(state.ema_params),
+               opt_state=ocp.args.StandardSave(state.opt_state))
+  if data_iter is not None:
+    import grain
+    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def _restore(manager, abstract: TrainState, data_iter) -> TrainState:
+  step = manager.latest_step()
+  items = dict(params=ocp.args.StandardRestore(abstract.params),
+               ema_params=ocp.args.StandardRestore(abstract.ema_params),
+               opt_state=ocp.args.StandardRestore(abstract.opt_state))
+  if data_iter is not None:
+    import grain
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  step_array = jax.device_put(np.int32(step), abstract.step.sharding)
+  return TrainState(step_array, restored["params"], restored["ema_params"], restored["opt_state"])
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+BATCH_KEYS = ("original", "edited", "instruction_ids", "reward_ids", "scores")
+
+
+def make_data_iterator(config, frozen: Frozen, workdir: Path):
+  from mre_jax import input_pipeline
+  data = config.data
+  data_dir = data.data_dir or str(workdir / "tfds")
+  kwargs = {"config": data.builder_config} if data.builder_config else {}
+  if jax.process_index() == 0:  # one process builds; the others read what it wrote
+    input_pipeline.build_dataset(data.name, data_dir, data.manual_dir or None, **kwargs)
+  _sync("dataset built")
+  builder = input_pipeline.build_dataset(data.name, data_dir, data.manual_dir or None, **kwargs)
+  return input_pipeline.create_input_iterator(
+      builder, data.split, global_batch_size=config.batch_size, crop_size=data.crop_size,
+      tokenize_fn=input_pipeline.clip_tokenize_fn(frozen.tokenizer), seed=config.seed, resize=data.resize,
+      worker_count=data.worker_count, prefetch_buffer_size=data.prefetch)
+
+
+def _initialize_distributed(config) -> None:
+  d = config.distributed
+  if not d.initialize:
+    return
+  kwargs = {}  # fields left unset come from the environment (SLURM, Cloud TPU, ...)
+  if d.coordinator_address:
+    kwargs["coordinator_address"] = d.coordinator_address
+  if d.num_processes > 0:
+    kwargs["num_processes"] = d.num_processes
+  if d.process_id >= 0:
+    kwargs["process_id"] = d.process_id
+  jax.distributed.initialize(**kwargs)
+
+
+class _StopFlag:
+  """Set by SIGTERM: the loop saves a checkpoint after the current step and exits."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+
+def train_and_evaluate(config, workdir: str | None) -> TrainState:
+  """Job: trains `config.num_steps` optimiser steps, resuming from `workdir` if it holds a run."""
+  if not workdir:
+    raise ConfigError("--workdir is required: checkpoints, logs and samples are written there")
+  _initialize_distributed(config)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  validate(config, mesh.size)
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  spec = prepare_workdir(config, workdir)
+  if jax.process_index() == 0 and not checkpointing.is_checkpoint(workdir):
+    checkpointing.write_spec(workdir, spec)
+  frozen, fparams = load_frozen(workdir, DTYPES[config.model.dtype])
+  unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=DTYPES[config.model.dtype],
+                           remat=config.model.remat, reward_dropout=config.model.reward_dropout)
+  tx = make_optimizer(config.optim)
+
+  # Shardings, derived from shapes.
+  param_shapes = models.unet_param_shapes(unet)
+  abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, p, tx.init(p)), param_shapes)
+  state_sh = sharding.tree_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+  abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+  repl = sharding.replicated(mesh)
+  fparams = sharding.place(fparams, jax.tree_util.tree_map(lambda _: repl, fparams))
+
+  data_iter = make_data_iterator(config, frozen, workdir)
+  manager = checkpointing.make_manager(workdir, max_to_keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  if manager.latest_step() is not None:
+    state = _restore(manager, abstract, data_iter)
+    logging.info("resumed from step %d of %s", int(state.step), workdir)
+  else:
+    host = initial_params(config, spec)
+    params, ema = sharding.place(host, state_sh.params), sharding.place(host, state_sh.ema_params)
+    opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
+    state = TrainState(jax.device_put(np.int32(0), state_sh.step), params, ema, opt_state)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, unet=unet, frozen=frozen, tx=tx, schedule=diffusion.make_schedule(),
+                        config=config),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh), repl, repl), out_shardings=(state_sh, repl),
+      donate_argnums=0)
+  try:
+    return _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+
+
+def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh) -> TrainState:
+  from tqdm import tqdm
+  main_process = jax.process_index() == 0
+  writer = _metric_writer(workdir) if main_process else None
+  stop = _StopFlag()
+  rng = jax.random.PRNGKey(config.seed)
+  start = int(jax.device_get(state.step))
+  bar = tqdm(total=config.num_steps, initial=start, disable=not main_process, unit="step")
+  t0, images, metrics = time.time(), 0, {}
+  for step in range(start + 1, config.num_steps + 1):
+    local = next(data_iter)
+    batch = sharding.global_batch({k: local[k] for k in BATCH_KEYS}, mesh)
+    state, metrics = step_fn(state, batch, fparams, rng)
+    metrics = jax.device_get(metrics)
+    if not np.isfinite(metrics["loss"]):
+      raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; stopping (this state is not saved)")
+    images += config.batch_size
+    if step % config.log_every == 0 or step == config.num_steps:
+      rate = images / max(time.time() - t0, 1e-9)
+      scalars = {**{k: float(v) for k, v in metrics.items()}, "images_per_sec": rate,
+                 "lr": float(config.optim.lr)}
+      if writer is not None:
+        for name, value in scalars.items():
+          writer.scalar(name, value, step)
+        writer.flush()
+      bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.1f}")
+      t0, images = time.time(), 0
+    bar.update(1)
+    if step % config.checkpoint.every == 0 or step == config.num_steps or stop.requested:
+      _save(manager, state, data_iter)
+    if stop.requested:
+      logging.warning("SIGTERM: saved step %d and stopped", step)
+      break
+  bar.close()
+  if main_process:
+    print(f"done: step {int(jax.device_get(state.step))}/{config.num_steps}, "
+          f"loss {float(metrics.get('loss', float('nan'))):.4f}, checkpoints in {workdir / checkpointing.STATE_DIR}")
+  return state
+
+
+class _MetricWriter:
+  """TensorBoard event files through tf.summary (TensorFlow stays out of the train step)."""
+
+  def __init__(self, logdir: Path):
+    import tensorflow as tf
+    self._tf = tf
+    self._writer = tf.summary.create_file_writer(str(logdir))
+
+  def scalar(self, name: str, value: float, step: int) -> None:
+    with self._writer.as_default():
+      self._tf.summary.scalar(name, value, step=step)
+
+  def image(self, name: str, image: np.ndarray, step: int) -> None:
+    """image: uint8 [H, W, 3]."""
+    with self._writer.as_default():
+      self._tf.summary.image(name, image[None], step=step)
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+
+def _metric_writer(workdir: Path) -> _MetricWriter:
+  return _MetricWriter(workdir / "tensorboard")
