@@ -21,17 +21,23 @@ def get_config():
   config.checkpoint = ""  # project checkpoint folder the edits are made with
   # "module:function" returning edit_fn(images, instructions) -> images; gets this whole config.
   config.edit_factory = "mre_jax.edit:make_edit_fn"
-  config.batch_size = 4  # (photo, instruction) pairs per edit_fn call
+  config.batch_size = 7  # (photo, instruction) pairs per edit_fn call; a call never mixes photos
   config.limit = 0  # only the first N pairs (sorted by photo, then index); 0: all
   config.compare = ""  # another run's workdir (or table.json): printed side by side with this one
   config.bootstrap_samples = 1000  # resamples of the 95% intervals
   config.seed = 0  # bootstrap seed
-  # Editing options, read by the edit factory (SPEC section 4 defaults).
+  # Editing options for the edit factory; the names follow configs/edit.py (SPEC section 4).
   config.edit = ml_collections.ConfigDict()
-  config.edit.steps = 30  # Euler ancestral steps
-  config.edit.guidance_text = 7.5  # text guidance scale
-  config.edit.guidance_image = 1.5  # image guidance scale
-  config.edit.resolution = 512  # shorter side, rounded to multiples of 64
-  config.edit.seed = 0  # sampling seed
+  config.edit.step = -1  # checkpoint step; -1 = latest
+  config.edit.use_ema = True  # EMA params
+  config.edit.dtype = "float32"  # U-Net compute dtype: float32 or bfloat16
+  config.edit.scheduler = "euler_ancestral"  # euler_ancestral (release), euler or ddim
+  config.edit.steps = 30  # denoising steps
+  config.edit.text_guidance = 7.5  # g_text
+  config.edit.image_guidance = 1.5  # g_image
+  config.edit.seed = 0  # noise seed
+  config.edit.resolution = 512  # shorter side of the working size; a multiple of 64
+  config.edit.scores = (5.0, 5.0, 5.0)  # reward condition: following, preserving, quality
+  config.edit.reward_text = "None; None; None"  # reward condition: failure texts
   config.judge = judge.judge_config()
   return config

@@ -158,30 +158,40 @@ def save_png_atomic(path: str, image: Image.Image) -> None:
   os.replace(tmp, path)
 
 
-def make_edits(items: list[Item], edit_fn_factory, batch_size: int) -> int:
-  """Edits the items whose edit is not on disk yet, `batch_size` at a time; returns how many.
+def _batches(items: list[Item], batch_size: int):
+  """Runs of at most `batch_size` items of one photo (one working size per edit_fn call)."""
+  batch = []
+  for it in items:
+    if batch and (len(batch) >= max(1, batch_size) or batch[0].image_name != it.image_name):
+      yield batch
+      batch = []
+    batch.append(it)
+  if batch:
+    yield batch
 
-  `edit_fn_factory()` is called once, only if something is missing. A photo that cannot
-  be read marks its item with an error.
+
+def make_edits(items: list[Item], edit_fn_factory, batch_size: int) -> int:
+  """Edits the items whose edit is not on disk yet; returns how many were edited.
+
+  `edit_fn_factory()` is called once, only if something is missing. A batch never mixes
+  photos. A photo that cannot be read marks its items with an error.
   """
   pending = [it for it in items if it.error is None and not os.path.isfile(it.edit_path)]
   if not pending:
     return 0
   edit_fn = edit_fn_factory()
   done = 0
-  for start in range(0, len(pending), max(1, batch_size)):
-    batch = []
-    for it in pending[start:start + max(1, batch_size)]:
-      try:
-        batch.append((it, Image.fromarray(records.load_rgb(it.photo))))
-      except records.BadRecord as e:
+  for batch in _batches(pending, batch_size):
+    try:
+      photo = Image.fromarray(records.load_rgb(batch[0].photo))
+    except records.BadRecord as e:
+      for it in batch:
         it.error = f"bad_photo: {e}"
-    if not batch:
       continue
-    outputs = list(edit_fn([im for _, im in batch], [it.instruction for it, _ in batch]))
+    outputs = list(edit_fn([photo] * len(batch), [it.instruction for it in batch]))
     if len(outputs) != len(batch):
       raise ValueError(f"edit_fn returned {len(outputs)} images for a batch of {len(batch)}")
-    for (it, _), out in zip(batch, outputs):
+    for it, out in zip(batch, outputs):
       os.makedirs(os.path.dirname(it.edit_path), exist_ok=True)
       save_png_atomic(it.edit_path, _to_pil(out, it.key))
     done += len(batch)

@@ -554,7 +554,6 @@ class SyntheticBackend:
 
   name = "synthetic"
   model = "synthetic-exact"
-  _GENERIC = ("the edit is not applied", "the edit is only partly applied")
 
   def __init__(self, truth_path: str, yes_threshold: float = 4.0):
     index = records.load_source_json(truth_path, "judge", "the synthetic truth index")
@@ -573,7 +572,7 @@ class SyntheticBackend:
     if edited.shape != truth.shape:
       edited = np.asarray(Image.fromarray(edited).resize(truth.shape[1::-1], Image.BICUBIC))
     measures = synthetic.judge(query.original, truth, edited)
-    texts = synthetic.failure_texts(measures, entry.get("failures") or self._GENERIC)
+    texts = synthetic.failure_texts(measures, entry.get("failures") or synthetic.GENERIC_FAILURES)
     i = PERSPECTIVES.index(query.perspective)
     score = round(float(measures["scores"][i]), 3)
     answer = {"verdict": "yes" if score >= self.yes_threshold else "no", "score": score}
@@ -598,7 +597,9 @@ def make_backend(cfg):
 def _base_record(backend, request: Request) -> dict:
   return {**request.meta, "item": request.item, "perspective": request.perspective,
           "instruction": request.instruction, "prompt_version": PROMPT_VERSION,
-          "model": backend.model, "backend": backend.name}
+          "model": backend.model, "backend": backend.name, "status": None, "verdict": None,
+          "score": None, "failure": None, "raw": None, "error": None, "attempts": 0,
+          "latency_s": None, "usage_tokens": None, "cached": False}
 
 
 def judge_one(backend, request: Request, cache: JudgmentCache, budget: Budget,
