@@ -1,0 +1,295 @@
+"""The Real-Edit runner and the reward annotator, end to end against a local judge server.
+
+The editing model is replaced by a trivial edit_fn (a blurred copy with a stamp that
+depends on the instruction); the judge is FakeOpenAI (tests/test_judge.py) or the offline
+synthetic backend.
+"""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mre_jax import annotate
+from mre_jax import evaluators
+from mre_jax import judge
+from mre_jax import records
+from mre_jax.errors import ConfigError
+from test_judge import KEY, FakeOpenAI, Reply, instruction_of, perspective_of
+
+from configs import annotate as annotate_config
+from configs import evaluate as evaluate_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CATS = evaluators.CATEGORIES
+FAKE_EDIT = '''
+"""A stand-in editing model: a blurred copy stamped with a colour from the instruction."""
+import os
+import zlib
+
+from PIL import ImageFilter
+
+
+def make_edit_fn(config):
+  def edit_fn(images, instructions):
+    with open(os.environ["FAKE_EDIT_LOG"], "a") as f:
+      f.write("".join(text + "\\n" for text in instructions))
+    out = []
+    for image, text in zip(images, instructions):
+      edited = image.filter(ImageFilter.GaussianBlur(1))
+      c = zlib.crc32(text.encode())
+      edited.paste((c & 255, (c >> 8) & 255, (c >> 16) & 255), (0, 0, 4, 4))
+      out.append(edited)
+    return out
+  return edit_fn
+'''
+
+
+@pytest.fixture
+def fake_edit(tmp_path, monkeypatch):
+  """The stand-in model as module `fake_edit`; returns (factory spec, log path, env)."""
+  (tmp_path / "mods").mkdir()
+  (tmp_path / "mods" / "fake_edit.py").write_text(FAKE_EDIT)
+  monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+  log = tmp_path / "edit_log.txt"
+  monkeypatch.setenv("FAKE_EDIT_LOG", str(log))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "mods"), REPO]),
+         "FAKE_EDIT_LOG": str(log)}
+  env.pop("OPENAI_API_KEY", None)
+  return "fake_edit:make_edit_fn", log, env
+
+
+def edit_count(log):
+  return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def write_real_edit(root, photos=2):
+  """Real-Edit layout: photo_<k>.jpg and real_edit.json, instruction "edit <k> <i>"."""
+  rng = np.random.default_rng(0)
+  os.makedirs(root / "images")
+  listing = {}
+  for k in range(photos):
+    Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(root / "images" / f"photo_{k}.jpg")
+    listing[f"photo_{k}.jpg"] = [f"{c}. A {c.lower()} edit, e.g. x: edit {k} {i}" for i, c in enumerate(CATS)]
+  (root / "real_edit.json").write_text(json.dumps(listing))
+  return root
+
+
+# Following scores per photo and category index; None: a malformed answer.
+FOLLOW = {0: [5, 4, 3, 2, 1, 0, 5], 1: [5, 5, 5, 5, 5, 5, None]}
+
+
+def known_answers(body, n):
+  p = perspective_of(body)
+  if p == "quality":
+    return Reply('```json\n{"verdict": "yes", "score": 4}\n```')
+  k, i = map(int, instruction_of(body).split()[1:])
+  if p == "preserving":
+    return Reply(["{'verdict': 'no', 'score': 2.5}", "{'verdict': 'yes', 'score': 4.5}"][k])
+  score = FOLLOW[k][i]
+  if score is None:
+    return Reply("I cannot decide.")
+  return Reply(f"{{'verdict': '{'yes' if score >= 3 else 'no'}', 'score': {score}}}")
+
+
+def eval_config(real_edit_dir, url, factory="fake_edit:make_edit_fn"):
+  config = evaluate_config.get_config()
+  config.real_edit_dir, config.edit_factory = str(real_edit_dir), factory
+  config.judge.base_url, config.judge.api_key = url, KEY
+  config.judge.backoff_s, config.judge.concurrency = 0.01, 2
+  config.bootstrap_samples = 200
+  return config
+
+
+def assert_cell(cell, judged, yes, score):
+  assert cell["judged"] == judged
+  assert cell["yes_share"] == pytest.approx(yes) and cell["mean_score"] == pytest.approx(score)
+  assert cell["yes_ci"][0] <= yes + 1e-9 and yes - 1e-9 <= cell["yes_ci"][1]
+  assert cell["score_ci"][0] <= score + 1e-9 and score - 1e-9 <= cell["score_ci"][1]
+
+
+def test_table_from_known_answers(tmp_path, fake_edit, capsys):
+  factory, log, _ = fake_edit
+  root, out = write_real_edit(tmp_path / "re"), tmp_path / "run"
+  with FakeOpenAI(known_answers) as server:
+    config = eval_config(root, server.url, factory)
+    table = evaluators.run_real_edit(config, str(out))
+    assert server.count == 42 and edit_count(log) == 14
+    rows = table["rows"]
+    # By hand: following scores 5,4,3,2,1,0,5 and 5 x 6 (+1 unparsed); yes when >= 3.
+    assert_cell(rows["overall"]["following"], 13, 10 / 13, 50 / 13)
+    assert rows["overall"]["following"]["unparsed"] == 1
+    for i, (yes, score) in enumerate([(1, 5), (1, 4.5), (1, 4), (0.5, 3.5), (0.5, 3), (0.5, 2.5)]):
+      assert_cell(rows[CATS[i]]["following"], 2, yes, score)
+    assert_cell(rows["Style"]["following"], 1, 1.0, 5.0)
+    for row in ["overall"] + list(CATS):
+      assert_cell(rows[row]["preserving"], 14 if row == "overall" else 2, 0.5, 3.5)
+      assert_cell(rows[row]["quality"], 14 if row == "overall" else 2, 1.0, 4.0)
+    assert rows["overall"]["quality"]["score_ci"] == [4.0, 4.0]
+    assert table["counts"] == {"items": 14, "judged": 13, "failed": 1, "judgments": {
+        "ok": 41, "unparsed": 1, "failed": 0, "budget_exhausted": 0, "no_edit": 0}}
+    lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 42
+    for r in lines:
+      assert r["prompt_version"] == judge.PROMPT_VERSION and r["model"] == "gpt-4o"
+      assert r["latency_s"] is not None and r["raw"] and r["category"] in CATS
+    (bad,) = [r for r in lines if r["status"] == "unparsed"]
+    assert bad["raw"] == "I cannot decide." and bad["score"] is None and bad["item"] == "photo_1.jpg#6"
+    assert json.loads((out / "table.json").read_text()) == table
+    assert "| overall | 76.9 [" in (out / "table.md").read_text()
+    assert "| overall |" in capsys.readouterr().out
+    # A second run edits nothing and pays nothing.
+    evaluators.run_real_edit(config, str(out))
+    assert server.count == 42 and edit_count(log) == 14
+  # --config.compare: side by side with the difference.
+  other = copy.deepcopy(table)
+  other["rows"]["overall"]["quality"]["mean_score"] = 3.0
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "table.json").write_text(json.dumps(other))
+  config.real_edit_dir, config.compare = "", str(tmp_path / "other")
+  evaluators.evaluate(config, str(out))
+  assert "| overall | quality | 100.0 | 100.0 | 0.0 | 4.00 | 3.00 | 1.00 |" in capsys.readouterr().out
+  assert (out / "compare.md").exists()
+
+
+def run_main(args, env, log_path):
+  with open(log_path, "w") as log:
+    return subprocess.Popen([sys.executable, "main.py"] + args, cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_killed_run_resumes_without_losing_or_repaying(tmp_path, fake_edit):
+  factory, log, env = fake_edit
+  root, out = write_real_edit(tmp_path / "re"), tmp_path / "run"
+  slow = {"delay": 0.05}
+  reply = lambda body, n: Reply("{'verdict': 'yes', 'score': 3}", delay=slow["delay"])
+  with FakeOpenAI(reply) as server:
+    args = ["--config=configs/evaluate.py", f"--config.real_edit_dir={root}",
+            f"--config.edit_factory={factory}", f"--config.judge.base_url={server.url}",
+            "--config.judge.concurrency=2", "--config.judge.backoff_s=0.01", f"--workdir={out}"]
+    proc = run_main(args, {**env, "OPENAI_API_KEY": KEY}, tmp_path / "log1.txt")
+    deadline = time.monotonic() + 60
+    while server.count < 12 and proc.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.02)
+    assert proc.poll() is None, (tmp_path / "log1.txt").read_text()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    paid_before = server.count
+    kept = len(judge.JudgmentCache(str(out / "judge_cache.jsonl")))
+    assert 8 <= kept < 42 and edit_count(log) == 14
+    slow["delay"] = 0.0
+    proc = run_main(args, {**env, "OPENAI_API_KEY": KEY}, tmp_path / "log2.txt")
+    assert proc.wait(60) == 0, (tmp_path / "log2.txt").read_text()
+    assert server.count - paid_before == 42 - kept  # Nothing finished is paid again.
+    results = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 42 and all(r["status"] == "ok" for r in results)
+    assert sum(r["cached"] for r in results) == kept and edit_count(log) == 14
+    assert set(server.auth) == {f"Bearer {KEY}"}
+    # The key given as a config field instead: all cached, and still written nowhere.
+    proc = run_main(args + [f"--config.judge.api_key={KEY}x"], env, tmp_path / "log3.txt")
+    assert proc.wait(60) == 0, (tmp_path / "log3.txt").read_text()
+    assert server.count - paid_before == 42 - kept
+  assert "api_key" not in json.loads((out / "run_config.json").read_text())["judge"]
+  for folder, _, files in os.walk(tmp_path):
+    for name in files:
+      assert KEY.encode() not in open(os.path.join(folder, name), "rb").read(), name
+
+
+def test_synthetic_backend_end_to_end(tmp_path):
+  info = evaluators.write_synthetic_real_edit(str(tmp_path / "re"), 2, size=32)
+  listing = json.loads(open(info["json"]).read())
+  listing["photo_000.png"].append("Not a well-formed instruction")
+  listing["ghost.png"] = ["Local. Missing photo: make it red"]
+  open(info["json"], "w").write(json.dumps(listing))
+  truths = {}
+  for key, truth in info["truths"].items():
+    name, i = key.split("#")
+    photo = records.load_rgb(str(tmp_path / "re" / name))
+    text = listing[name][int(i)].rsplit(": ", 1)[1]
+    truths[judge.image_hash(photo), text] = truth if int(i) % 2 == 0 else photo
+
+  def edit_fn(images, instructions):  # The exact edit for even indices, nothing for odd ones.
+    return [Image.fromarray(truths[judge.image_hash(np.asarray(im)), t]) for im, t in zip(images, instructions)]
+
+  config = evaluate_config.get_config()
+  config.real_edit_dir = str(tmp_path / "re")
+  config.judge.backend, config.judge.truth = "synthetic", info["truth"]
+  table = evaluators.run_real_edit(config, str(tmp_path / "run"), edit_fn=edit_fn)
+  rows = table["rows"]
+  assert_cell(rows["overall"]["following"], 14, 8 / 14, 5 * 8 / 14)
+  assert_cell(rows["Local"]["following"], 2, 1.0, 5.0)
+  assert_cell(rows["Remove"]["following"], 2, 0.0, 0.0)
+  assert_cell(rows["overall"]["preserving"], 14, 1.0, 5.0)
+  assert_cell(rows["overall"]["quality"], 14, 1.0, 5.0)
+  assert table["counts"]["items"] == 16 and table["counts"]["failed"] == 2
+  assert table["counts"]["judgments"]["no_edit"] == 6
+  assert rows["overall"]["following"]["failed"] == 2
+
+
+def test_edit_factory_errors_are_clear(tmp_path):
+  root = write_real_edit(tmp_path / "re", photos=1)
+  config = eval_config(root, "http://127.0.0.1:9/v1", factory="mre_jax.no_such_module:make_edit_fn")
+  with pytest.raises(ConfigError, match="config.edit_factory.*no_such_module"):
+    evaluators.run_real_edit(config, str(tmp_path / "a"))
+  config.edit_factory = "mre_jax.judge:make_edit_fn"
+  with pytest.raises(ConfigError, match="has no function make_edit_fn"):
+    evaluators.run_real_edit(config, str(tmp_path / "b"))
+  config.edit_factory = evaluators.DEFAULT_EDIT_FACTORY
+  with pytest.raises(ConfigError, match="config.checkpoint"):
+    evaluators.run_real_edit(config, str(tmp_path / "c"))
+
+
+def test_annotate_synthetic_writes_reward_edit(tmp_path):
+  info = annotate.write_synthetic_ip2p(str(tmp_path / "ip"), 5, size=32)
+  seeds = json.loads((tmp_path / "ip" / "seeds.json").read_text())
+  seeds += [["missing_folder", [1]], "not an entry"]
+  (tmp_path / "ip" / "seeds.json").write_text(json.dumps(seeds))
+  (tmp_path / "ip" / "synth_00004" / "4_1.png").write_bytes(b"not an image")
+  config = annotate_config.get_config()
+  config.source = str(tmp_path / "ip")
+  config.judge.backend, config.judge.truth = "synthetic", info["truth"]
+  out = annotate.annotate(config, str(tmp_path / "run"))
+  written = json.loads((tmp_path / "run" / "RewardEdit_20K.json").read_text())
+  assert written == out and sorted(out) == [f"synth_{k:05d}" for k in range(4)]
+  for name, entries in out.items():
+    scores, texts = records.parse_rewards(entries, name)
+    np.testing.assert_allclose(scores, info["examples"][name]["scores"], atol=1e-3)
+    assert [t == "None" for t in texts] == [s == 5.0 for s in scores]
+  failures = json.loads((tmp_path / "run" / "failures.json").read_text())
+  assert sorted(failures) == ["missing_folder", "seeds.json[6]", "synth_00004"]
+  assert all(f["reason"] == "no_edit" and f["detail"] for f in failures.values())
+  annotate.annotate(config, str(tmp_path / "run"))  # Resumes: only the failures are tried.
+  assert len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) == 9
+
+
+def test_annotate_with_judge_server(tmp_path):
+  info = annotate.write_synthetic_ip2p(str(tmp_path / "ip"), 2, size=32)
+  first = info["examples"]["synth_00000"]["instruction"]
+
+  def reply(body, n):
+    p = perspective_of(body)
+    if p == "following" and instruction_of(body) != first:  # No failure description: unparsed.
+      return Reply("{'verdict': 'no', 'score': 2}")
+    return Reply({"following": "{'verdict': 'no', 'score': 2, 'failure': 'the sky is still blue'}",
+                  "preserving": "{'verdict': 'yes', 'score': 5, 'failure': 'None'}",
+                  "quality": "{'verdict': 'yes', 'score': 4, 'failure': ['a bit blurry', 'noisy']}"}[p])
+  with FakeOpenAI(reply) as server:
+    config = annotate_config.get_config()
+    config.source = str(tmp_path / "ip")
+    config.judge.base_url, config.judge.api_key, config.judge.backoff_s = server.url, KEY, 0.01
+    out = annotate.annotate(config, str(tmp_path / "run"))
+    assert server.count == 6
+    assert all("'failure'" in b["messages"][1]["content"][-1]["text"] for b in server.bodies)
+  assert out == {"synth_00000": [
+      {"Score": 2.0, "Negative Prompt": "the sky is still blue", "seed": "0"},
+      {"Score": 5.0, "Negative Prompt": "None", "seed": "0"},
+      {"Score": 4.0, "Negative Prompt": "a bit blurry; noisy", "seed": "0"}]}
+  failures = json.loads((tmp_path / "run" / "failures.json").read_text())
+  assert failures["synth_00001"]["reason"] == "unparsed"
+  assert "following" in failures["synth_00001"]["detail"]
