@@ -4,7 +4,7 @@ python main.py --config=configs/evaluate.py --config.checkpoint=DIR \
     --config.real_edit_dir=DIR --workdir=OUT [--config.compare=OTHER_RUN]
 
 Workdir layout (every step resumes from it):
-  edits/<photo>__<i>.png  the edits, lossless; an edit on disk is never redone
+  edits/<photo>-<crc>__<i>.png  the edits, lossless; an edit on disk is never redone
   judge_cache.jsonl       every paid answer, append-only (mre_jax.judge.JudgmentCache)
   results.jsonl           one line per (edit, perspective): status, verdict, score, raw
                           answer, latency, attempts, prompt version, model, category, ...
@@ -353,10 +353,11 @@ def run_real_edit(config, workdir: str, edit_fn=None) -> dict:
   items = load_real_edit(root, edits_dir, config.json_name)
   if config.limit:
     items = items[:config.limit]
+  backend = judge.make_backend(config.judge)  # Config errors before hours of editing.
   os.makedirs(edits_dir, exist_ok=True)
   write_run_config(config, workdir)
   make_edits(items, (lambda: edit_fn) if edit_fn else lambda: _build_edit_fn(config), config.batch_size)
-  results = judge.judge_with_config(config.judge, workdir, _requests(items))
+  results = judge.judge_with_config(config.judge, workdir, _requests(items), backend)
   judge.write_jsonl_atomic(os.path.join(workdir, "results.jsonl"), results)
   table = make_table(results, samples=config.bootstrap_samples, seed=config.seed)
   judge.write_text_atomic(os.path.join(workdir, "table.json"), json.dumps(table, indent=1))

@@ -646,9 +646,9 @@ def judge_all(backend, requests: list, cache: JudgmentCache, *, concurrency: int
   return results
 
 
-def judge_with_config(cfg, workdir: str, requests: list) -> list:
+def judge_with_config(cfg, workdir: str, requests: list, backend=None) -> list:
   """Judges `requests` as config.judge says, through its cache (default in `workdir`)."""
-  backend = make_backend(cfg)
+  backend = backend or make_backend(cfg)
   budget = Budget(cfg.max_requests)
   with JudgmentCache(cfg.cache or os.path.join(workdir, "judge_cache.jsonl")) as cache:
     results = judge_all(backend, requests, cache, concurrency=cfg.concurrency, budget=budget,
