@@ -636,13 +636,17 @@ def judge_all(backend, requests: list, cache: JudgmentCache, *, concurrency: int
   """Judges `requests` with up to `concurrency` in flight; records in request order."""
   budget = budget or Budget(0)
   results = [None] * len(requests)
-  with futures.ThreadPoolExecutor(max_workers=max(1, int(concurrency))) as pool:
+  pool = futures.ThreadPoolExecutor(max_workers=max(1, int(concurrency)))
+  try:
     jobs = {pool.submit(judge_one, backend, r, cache, budget, rejudge_unparsed): i
             for i, r in enumerate(requests)}
     for done, job in enumerate(futures.as_completed(jobs), 1):
       results[jobs[job]] = job.result()
       if done % log_every == 0 or done == len(requests):
         logging.info("judged %d/%d (requests sent: %d)", done, len(requests), budget.used)
+  finally:
+    # On an error or Ctrl-C, drop what has not started; answers in flight still reach the cache.
+    pool.shutdown(wait=True, cancel_futures=True)
   return results
 
 
