@@ -20,12 +20,12 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
@@ -169,13 +169,13 @@ def sample_arrays(editor: Editor, pixels, instructions, *, seeds, scores=None, r
 def working_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
   """(width, height) the model sees: shorter side -> resolution, both rounded to multiples of 64."""
   scale = resolution / min(size)
-  return tuple(max(SIZE_MULTIPLE, round(s * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE) for s in size)
+  return tuple(max(SIZE_MULTIPLE, int(s * scale / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE) for s in size)
 
 
 def output_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
   """(width, height) of the result: the input's aspect ratio with the shorter side at resolution."""
   scale = resolution / min(size)
-  return tuple(max(1, round(s * scale)) for s in size)
+  return tuple(max(1, int(s * scale + 0.5)) for s in size)
 
 
 def prepare_image(image: Image.Image, resolution: int) -> np.ndarray:
@@ -250,10 +250,18 @@ def check_output_path(path: Path, field: str, overwrite: bool) -> None:
   folder = path.parent
   if not folder.is_dir():
     raise FileNotFoundError(f"{field}={path}: folder {folder} does not exist")
-  if not os.access(folder, os.W_OK | os.X_OK):
-    raise PermissionError(f"{field}={path}: folder {folder} is not writable")
   if path.exists() and not overwrite:
     raise FileExistsError(f"{field}={path}: exists (set overwrite=True to replace it)")
+  check_writable(folder, f"{field}={path}: folder")
+
+
+def check_writable(folder: Path, what: str) -> None:
+  """Creates and removes a probe file in `folder` (os.access is blind to root and read-only mounts)."""
+  try:
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+      pass
+  except OSError as e:
+    raise PermissionError(f"{what} {folder} is not writable ({e.strerror or e})") from None
 
 
 def save_image_atomic(image: Image.Image, path: Path) -> None:
@@ -403,8 +411,7 @@ def _edit_batch(config, settings: Settings) -> list[dict]:
   out_dir = Path(config.output) if config.output else requests_path.parent / "edits"
   out_dir.mkdir(parents=True, exist_ok=True)
   results_path = Path(config.results) if config.results else out_dir / "results.jsonl"
-  if not os.access(results_path.parent, os.W_OK | os.X_OK):
-    raise PermissionError(f"config.results={results_path}: folder {results_path.parent} is not writable")
+  check_writable(results_path.parent, f"config.results={results_path}: folder")
   requests = _read_requests(requests_path, out_dir, config, settings)
   pending = [r for r in requests if r.pixels is not None]
   if pending:

@@ -1,0 +1,201 @@
+"""The edit job and Editor: image preparation, loading, single and batch edits, bad inputs, the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import convert as convert_config
+from configs import edit as edit_config
+from mre_jax import edit, export, sampling
+from mre_jax.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 2
+RES = 64
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_folder, tmp_path_factory):
+  config = convert_config.get_config()
+  config.source = str(tiny_folder)
+  return export.convert(config, str(tmp_path_factory.mktemp("edit") / "ckpt"))
+
+
+@pytest.fixture
+def photo(tmp_path):
+  """A 96x64 (landscape 3:2) JPEG."""
+  path = tmp_path / "photo.jpg"
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(path)
+  return path
+
+
+def _config(checkpoint, **overrides):
+  config = edit_config.get_config()
+  config.update(dict(checkpoint=str(checkpoint), steps=STEPS, resolution=RES, instruction="make it blue"))
+  config.update(overrides)
+  return config
+
+
+def _files(folder):
+  return sorted(p.name for p in Path(folder).iterdir())
+
+
+def test_working_and_output_sizes():
+  assert edit.working_size((512, 512), 512) == (512, 512)
+  assert edit.working_size((1000, 750), 512) == (704, 512)  # 682.7 -> 704
+  assert edit.working_size((300, 700), 512) == (512, 1216)  # 1194.7 -> 1216
+  assert edit.working_size((20, 10), 64) == (128, 64)
+  assert edit.output_size((1000, 750), 512) == (683, 512)  # the input's aspect ratio
+  assert edit.output_size((300, 700), 512) == (512, 1195)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16", "1"])
+def test_prepare_image_any_mode(mode):
+  image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)).convert(mode)
+  pixels = edit.prepare_image(image, 64)
+  assert pixels.shape == (64, 128, 3) and pixels.dtype == np.float32
+  assert -1.0 <= pixels.min() and pixels.max() <= 1.0
+  transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+  assert edit.to_rgb(transparent).getpixel((0, 0)) == (255, 255, 255)  # over white, not black
+
+
+def test_checkpoint_and_diffusers_folder_give_the_same_edit(checkpoint, tiny_folder, photo, tmp_path):
+  # convert's step 0 has EMA == raw params, so both sources hold the same weights.
+  outputs = []
+  for source in (checkpoint, tiny_folder):
+    out = tmp_path / f"{Path(source).name}.png"
+    [record] = edit.edit(_config(source, image=str(photo), output=str(out), seed=7))
+    assert record["status"] == "ok" and Path(record["output"]) == out
+    outputs.append(np.asarray(Image.open(out)))
+  assert outputs[0].shape == (64, 96, 3)  # the input's aspect ratio, shorter side at the resolution
+  np.testing.assert_array_equal(outputs[0], outputs[1])
+  assert outputs[0].std() > 1.0
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_second_edit_of_the_same_size_does_not_recompile(checkpoint, photo, tmp_path):
+  before = None
+  for i, seed in enumerate((1, 2)):
+    edit.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / f"{i}.png"), seed=seed,
+                      scores=(3.0, 4.0, 5.0), text_guidance=5.0 + i))
+    key = ("euler_ancestral", STEPS, (1, 64, 128, 3))  # 96x64 -> working size 128x64
+    before = sampling.TRACES[key] if before is None else before
+  assert sampling.TRACES[key] == before == 1
+  assert not np.array_equal(np.asarray(Image.open(tmp_path / "0.png")), np.asarray(Image.open(tmp_path / "1.png")))
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(image="missing.jpg"), FileNotFoundError, r"config.image=.*missing.jpg: no such file"),
+    (dict(image="notes.txt"), ValueError, r"config.image=.*notes.txt: not an image"),
+    (dict(image="truncated.png"), ValueError, r"config.image=.*truncated.png: unreadable image"),
+    (dict(instruction="  "), ConfigError, r"config.instruction='  ': the instruction must be a non-empty"),
+    (dict(scores=(5.0, 6.0, 5.0)), ConfigError, r"config.scores=\(5.0, 6.0, 5.0\): every score must be in \[0, 5\]"),
+    (dict(scores=(5.0, 5.0)), ConfigError, r"config.scores=\(5.0, 5.0\): expected three numbers"),
+    (dict(steps=0), ConfigError, r"config.steps=0: expected an integer >= 1"),
+    (dict(resolution=100), ConfigError, r"config.resolution=100: expected a positive multiple of 64"),
+    (dict(resolution=0), ConfigError, r"config.resolution=0"),
+    (dict(scheduler="plms"), ConfigError, r"config.scheduler='plms'"),
+    (dict(output="nowhere/out.png"), FileNotFoundError, r"config.output=.*nowhere/out.png: folder .* does not exist"),
+    (dict(output="out.gif2"), ConfigError, r"config.output=.*out.gif2: unknown image extension"),
+    (dict(checkpoint=""), ConfigError, r"config.checkpoint is required"),
+    (dict(checkpoint="nomodel"), FileNotFoundError, r"nomodel: neither a project checkpoint"),
+])
+def test_bad_inputs_fail_early_with_no_output(overrides, error, match, checkpoint, photo, tmp_path):
+  (tmp_path / "notes.txt").write_text("not an image")
+  Image.open(photo).save(tmp_path / "full.png")
+  (tmp_path / "truncated.png").write_bytes((tmp_path / "full.png").read_bytes()[:200])
+  paths = {k: str(tmp_path / v) for k, v in overrides.items() if k in ("image", "output", "checkpoint") and v}
+  config = _config(checkpoint, image=str(photo), output=str(tmp_path / "out.png"))
+  config.update({**overrides, **paths})
+  before = _files(tmp_path)
+  with pytest.raises(error, match=match):
+    edit.edit(config)
+  assert _files(tmp_path) == before
+
+
+def test_unwritable_output_folder_and_failed_sampling_leave_nothing(checkpoint, photo, tmp_path, monkeypatch):
+  with pytest.raises(FileExistsError, match="photo.jpg: exists"):
+    edit.edit(_config(checkpoint, image=str(photo), output=str(photo)))
+
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+  with monkeypatch.context() as m:
+    m.setattr(edit.tempfile, "NamedTemporaryFile", refuse)
+    with pytest.raises(PermissionError, match=r"config.output=.*out.png: folder .* is not writable"):
+      edit.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / "out.png")))
+  nan = lambda editor, pixels, *a, **k: (np.full(pixels.shape, np.nan, np.float32), np.zeros(len(pixels), bool))
+  monkeypatch.setattr(edit, "sample_arrays", lambda *a, **k: (nan(*a, **k)[0], nan(*a, **k)[1]))
+  monkeypatch.setattr(edit, "edit_arrays", lambda *a, **k: sampling.check_finite(nan(*a, **k)[1]))
+  with pytest.raises(sampling.NonFiniteError, match="non-finite"):
+    edit.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / "out.png")))
+  assert _files(tmp_path) == ["photo.jpg"]
+
+
+def test_batch_mode_reports_failures_and_runs_the_rest(checkpoint, photo, tmp_path):
+  single = tmp_path / "single.png"
+  edit.edit(_config(checkpoint, image=str(photo), output=str(single), seed=5))
+  lines = [
+      {"image": "photo.jpg", "instruction": "make it blue", "seed": 5},
+      {"image": "missing.jpg", "instruction": "add snow"},
+      {"image": "photo.jpg", "instruction": "add snow", "scores": [5, 5, 9]},
+      "this is not json",
+      {"image": "photo.jpg", "instruction": "", "output": "never.png"},
+      {"image": "photo.jpg", "instruction": "add snow", "scores": [1, 2, 3], "output": "mine/snow.png",
+       "reward_text": "still blurry; None; None"},
+  ]
+  (tmp_path / "mine").mkdir()
+  requests = tmp_path / "requests.jsonl"
+  requests.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n\n")
+  records = edit.edit(_config(checkpoint, requests=str(requests), instruction=""))
+  written = [json.loads(line) for line in (tmp_path / "edits" / "results.jsonl").read_text().splitlines()]
+  assert written == records and [r["line"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert [r["status"] for r in records] == ["ok", "error", "error", "error", "error", "ok"]
+  assert "missing.jpg: no such file" in records[1]["error"]
+  assert "scores=[5, 5, 9]: every score must be in [0, 5]" in records[2]["error"]
+  assert "not a JSON object" in records[3]["error"]
+  assert "instruction='': the instruction must be a non-empty string" in records[4]["error"]
+  assert _files(tmp_path / "edits") == ["0001-photo.png", "results.jsonl"]
+  assert _files(tmp_path / "mine") == ["snow.png"]
+  assert not (tmp_path / "never.png").exists()
+  # batch and single mode give the same image for the same seed
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "edits" / "0001-photo.png")),
+                                np.asarray(Image.open(single)))
+
+
+def test_batch_mode_fails_when_every_request_fails(checkpoint, tmp_path):
+  requests = tmp_path / "r.jsonl"
+  requests.write_text(json.dumps({"image": "gone.png", "instruction": "x"}) + "\n")
+  with pytest.raises(ValueError, match="all 1 requests failed"):
+    edit.edit(_config(checkpoint, requests=str(requests)))
+  assert json.loads((tmp_path / "edits" / "results.jsonl").read_text())["status"] == "error"
+  with pytest.raises(ConfigError, match="config.image and config.requests are exclusive"):
+    edit.edit(_config(checkpoint, requests=str(requests), image="x.png"))
+  with pytest.raises(FileNotFoundError, match="config.requests=.*none.jsonl: no such file"):
+    edit.edit(_config(checkpoint, requests=str(tmp_path / "none.jsonl")))
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, "main.py", "--config=configs/edit.py", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_success_in_bfloat16_and_failure(checkpoint, photo, tmp_path):
+  out = tmp_path / "cli.png"
+  common = [f"--config.checkpoint={checkpoint}", f"--config.image={photo}", f"--config.steps={STEPS}",
+            f"--config.resolution={RES}"]
+  result = _main(*common, "--config.instruction=make it winter", f"--config.output={out}", "--config.dtype=bfloat16",
+                 "--config.scheduler=ddim", "--config.scores=(4.0, 5.0, 3.5)")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"wrote {out}" in result.stdout
+  assert Image.open(out).size == (96, 64)
+  result = _main(*common, "--config.instruction=make it winter", f"--config.output={tmp_path / 'bad.png'}",
+                 "--config.scores=(5.0, 5.0, 7.0)")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == \
+      "error: config.scores=(5.0, 5.0, 7.0): every score must be in [0, 5]"
+  assert not (tmp_path / "bad.png").exists()
