@@ -1,0 +1,113 @@
+"""Prints seconds per edit of the JAX editing pipeline and of diffusers' PyTorch pipeline.
+
+  PYTHONPATH=. python benchmarks/edit.py [--size=256] [--steps=30] [--batches=1,4] [--reps=2] \
+      [--models=tiny,320ch]
+
+Both run the same random weights (a tiny diffusers-format folder; `320ch` swaps in a
+320/640-channel U-Net with the tiny VAE and text encoder) with Euler ancestral and three-way
+guidance on the same machine. JAX: `edit.edit_arrays` (one jitted program: encode, denoising
+loop, decode), compile time reported separately (first call minus a steady call). PyTorch:
+`StableDiffusionInstructPix2PixPipeline` with `torch_twin.MRERewardUNet`, after one warm-up
+call. The last line is `speedup_vs_pytorch=<PyTorch s/edit / JAX s/edit>` for 320ch at batch 1.
+"""
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from absl import app
+from absl import flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mre_jax import edit, models, tiny  # pylint: disable=g-import-not-at-top
+
+_SIZE = flags.DEFINE_integer("size", 256, "Image side in pixels (a multiple of 64).")
+_STEPS = flags.DEFINE_integer("steps", 30, "Denoising steps.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "4"], "Batch sizes (images per call).")
+_REPS = flags.DEFINE_integer("reps", 2, "Timed calls per setting (after compile / warm-up).")
+_MODELS = flags.DEFINE_list("models", ["tiny", "320ch"], "Which U-Nets: tiny, 320ch.")
+
+UNETS = {
+    "tiny": tiny.UNET,
+    # SD 1.5's first two levels (320, 640 channels); context width of the tiny text encoder.
+    "320ch": models.UNetConfig(
+        block_out_channels=(320, 640), layers_per_block=1, attention_head_dim=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=32),
+}
+PROMPTS = ("make it blue", "add snow", "turn the sky red", "make it a painting")
+
+
+def _inputs(batch, size):
+  from PIL import Image
+  r = np.random.default_rng(0)
+  images = [Image.fromarray(r.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(batch)]
+  return images, [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+
+
+def _time(fn, reps):
+  """(first call seconds, mean seconds of `reps` further calls)."""
+  start = time.perf_counter()
+  fn()
+  first = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(reps):
+    fn()
+  return first, (time.perf_counter() - start) / reps
+
+
+def _jax(folder, batch, size, steps, reps):
+  editor = edit.load_editor(folder)
+  images, prompts = _inputs(batch, size)
+  pixels = np.stack([edit.prepare_image(im, size) for im in images])
+  fn = lambda: edit.edit_arrays(editor, pixels, prompts, seeds=range(batch), steps=steps)
+  first, steady = _time(fn, reps)
+  return steady, first - steady
+
+
+def _torch(folder, batch, size, steps, reps):
+  import torch
+  from diffusers import StableDiffusionInstructPix2PixPipeline
+  from mre_jax import torch_twin
+  twin = torch_twin.MRERewardUNet.from_pretrained(Path(folder) / "unet").eval()
+  editor = edit.load_editor(folder)
+  _, pooled = edit.encode_texts(editor, [edit.DEFAULT_REWARD_TEXT])
+  twin.set_default_rewards(torch.tensor(edit.DEFAULT_SCORES), torch.tensor(pooled[0]))
+  pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(folder, unet=twin, safety_checker=None)
+  pipe.set_progress_bar_config(disable=True)
+  images, prompts = _inputs(batch, size)
+
+  def fn():
+    with torch.inference_mode():
+      pipe(prompts, image=images, num_inference_steps=steps, output_type="np",
+           generator=torch.Generator().manual_seed(0))
+  _, steady = _time(fn, reps)
+  return steady
+
+
+def main(argv):
+  del argv
+  size, steps, reps = _SIZE.value, _STEPS.value, _REPS.value
+  import jax
+  import torch
+  print(f"devices: jax {jax.devices()[0].platform} ({os.cpu_count()} cpus), torch {torch.get_num_threads()} threads; "
+        f"{size}px, {steps} steps, Euler ancestral, 3-way guidance")
+  speedup = None
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in _MODELS.value:
+      folder = tiny.write_tiny_model_folder(Path(tmp) / name, unet=UNETS[name])
+      for batch in map(int, _BATCHES.value):
+        jax_s, compile_s = _jax(folder, batch, size, steps, reps)
+        torch_s = _torch(folder, batch, size, steps, reps)
+        ratio = torch_s / jax_s
+        print(f"{name:6s} batch {batch}: jax {jax_s / batch:.3f} s/edit (compile {compile_s:.1f} s), "
+              f"pytorch {torch_s / batch:.3f} s/edit, speedup {ratio:.2f}x", flush=True)
+        if name == "320ch" and batch == 1:
+          speedup = ratio
+  print(f"speedup_vs_pytorch={speedup:.2f}" if speedup is not None else "speedup_vs_pytorch=nan")
+
+
+if __name__ == "__main__":
+  app.run(main)
