@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from absl import logging
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from mre_jax import checkpointing, export, models, pretrained, sampling
@@ -222,14 +222,15 @@ def edit_images(editor: Editor, images: Sequence[Image.Image], instructions: Seq
 
 
 def read_image(path: str | os.PathLike, field: str) -> Image.Image:
-  """Opens and fully decodes an image file; errors name `field` and the path."""
+  """Opens and fully decodes an image file (EXIF orientation applied); errors name `field` and the path."""
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{field}={path}: no such file")
   try:
     with Image.open(path) as image:
       image.load()
-      return image.copy() if image.mode != "P" else image.convert("RGBA")
+      image = ImageOps.exif_transpose(image)  # camera photos: upright, as viewers show them
+      return image.convert("RGBA") if image.mode == "P" else image.copy()
   except UnidentifiedImageError as e:
     raise ValueError(f"{field}={path}: not an image (PIL cannot identify it)") from e
   except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
