@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
+import json
 import signal
 import time
 from pathlib import Path
@@ -356,9 +356,7 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh) ->
       scalars = {**{k: float(v) for k, v in metrics.items()}, "images_per_sec": rate,
                  "lr": float(config.optim.lr)}
       if writer is not None:
-        for name, value in scalars.items():
-          writer.scalar(name, value, step)
-        writer.flush()
+        writer.write(step, scalars)
       bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.1f}")
       t0, images = time.time(), 0
     bar.update(1)
@@ -375,16 +373,21 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh) ->
 
 
 class _MetricWriter:
-  """TensorBoard event files through tf.summary (TensorFlow stays out of the train step)."""
+  """TensorBoard event files (through tf.summary, outside the train step) and metrics.jsonl."""
 
-  def __init__(self, logdir: Path):
+  def __init__(self, workdir: Path):
     import tensorflow as tf
     self._tf = tf
-    self._writer = tf.summary.create_file_writer(str(logdir))
+    self._writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+    self._jsonl = open(workdir / "metrics.jsonl", "a")
 
-  def scalar(self, name: str, value: float, step: int) -> None:
+  def write(self, step: int, scalars: dict[str, float]) -> None:
     with self._writer.as_default():
-      self._tf.summary.scalar(name, value, step=step)
+      for name, value in scalars.items():
+        self._tf.summary.scalar(name, value, step=step)
+    self._writer.flush()
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
 
   def image(self, name: str, image: np.ndarray, step: int) -> None:
     """image: uint8 [H, W, 3]."""
@@ -396,4 +399,4 @@ class _MetricWriter:
 
 
 def _metric_writer(workdir: Path) -> _MetricWriter:
-  return _MetricWriter(workdir / "tensorboard")
+  return _MetricWriter(workdir)
