@@ -60,6 +60,11 @@ def get_config(arg: str | None = None):
   config.mesh.fsdp = 1  # axis that also splits params / EMA / optimiser state
   config.mesh.fsdp_min_size = 2**14  # arrays smaller than this stay replicated
 
+  config.sample = ml_collections.ConfigDict()  # PNG grids: original | target | edit@5,5,5 | edit@own
+  config.sample.every = 100  # steps between grids (0: never); also at the end
+  config.sample.count = 4  # examples in a grid (the split's first ones)
+  config.sample.steps = 20  # Euler ancestral steps
+
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 100  # steps between saves (also saved at the end and on SIGTERM)
   config.checkpoint.keep = 3  # checkpoints kept
@@ -85,6 +90,8 @@ def get_config(arg: str | None = None):
     config.data.worker_count = 8
     config.optim.lr = 5e-5
     config.checkpoint.every = 1000
+    config.sample.every = 1000
+    config.sample.steps = 30
   elif arg not in (None, "", "tiny"):
     raise ValueError(f"configs/train.py: unknown variant {arg!r} (expected tiny or sd15)")
   return config

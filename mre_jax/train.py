@@ -253,10 +253,16 @@ def make_data_iterator(config, frozen: Frozen, workdir: Path):
     input_pipeline.build_dataset(data.name, data_dir, data.manual_dir or None, **kwargs)
   _sync("dataset built")
   builder = input_pipeline.build_dataset(data.name, data_dir, data.manual_dir or None, **kwargs)
-  return input_pipeline.create_input_iterator(
-      builder, data.split, global_batch_size=config.batch_size, crop_size=data.crop_size,
-      tokenize_fn=input_pipeline.clip_tokenize_fn(frozen.tokenizer), seed=config.seed, resize=data.resize,
-      worker_count=data.worker_count, prefetch_buffer_size=data.prefetch)
+  tokenize_fn = input_pipeline.clip_tokenize_fn(frozen.tokenizer)
+  data_iter = input_pipeline.create_input_iterator(
+      builder, data.split, global_batch_size=config.batch_size, crop_size=data.crop_size, tokenize_fn=tokenize_fn,
+      seed=config.seed, resize=data.resize, worker_count=data.worker_count, prefetch_buffer_size=data.prefetch)
+  # The same first examples on every process, unshuffled and unflipped: the sample grid's inputs.
+  sample_ds = input_pipeline.create_dataset(
+      input_pipeline.data_source(builder, data.split), global_batch_size=config.sample.count,
+      crop_size=data.crop_size, tokenize_fn=tokenize_fn, seed=config.seed, resize=data.resize, flip=False,
+      shuffle=False, process_index=0, process_count=1)
+  return data_iter, sample_ds[0]
 
 
 def _initialize_distributed(config) -> None:
@@ -310,7 +316,7 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
   repl = sharding.replicated(mesh)
   fparams = sharding.place(fparams, jax.tree_util.tree_map(lambda _: repl, fparams))
 
-  data_iter = make_data_iterator(config, frozen, workdir)
+  data_iter, sample_batch = make_data_iterator(config, frozen, workdir)
   manager = checkpointing.make_manager(workdir, max_to_keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
   if manager.latest_step() is not None:
@@ -327,14 +333,15 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
                         config=config),
       in_shardings=(state_sh, sharding.batch_sharding(mesh), repl, repl), out_shardings=(state_sh, repl),
       donate_argnums=0)
+  sample_fn = functools.partial(_sample_grid, make_sampler(config, unet, frozen), sample_batch, frozen)
   try:
-    return _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh)
+    return _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sample_fn)
   finally:
     manager.wait_until_finished()
     manager.close()
 
 
-def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh) -> TrainState:
+def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sample_fn) -> TrainState:
   from tqdm import tqdm
   main_process = jax.process_index() == 0
   writer = _metric_writer(workdir) if main_process else None
@@ -360,6 +367,11 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh) ->
       bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.1f}")
       t0, images = time.time(), 0
     bar.update(1)
+    if config.sample.every and (step % config.sample.every == 0 or step == config.num_steps):
+      grid = sample_fn(state.ema_params, fparams)
+      if main_process:
+        _write_png(grid, workdir / "samples" / f"step_{step:07d}.png")
+        writer.image("samples", grid, step)
     if step % config.checkpoint.every == 0 or step == config.num_steps or stop.requested:
       _save(manager, state, data_iter)
     if stop.requested:
@@ -370,6 +382,44 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh) ->
     print(f"done: step {int(jax.device_get(state.step))}/{config.num_steps}, "
           f"loss {float(metrics.get('loss', float('nan'))):.4f}, checkpoints in {workdir / checkpointing.STATE_DIR}")
   return state
+
+
+# ----------------------------------------------------------------------------- samples and logs
+
+
+def make_sampler(config, unet, frozen: Frozen):
+  from mre_jax import sampling
+  spec = sampling.SamplerSpec(scheduler="euler_ancestral", num_steps=config.sample.steps)
+  return sampling.make_sample_fn(unet, frozen.vae, frozen.scaling_factor, spec)
+
+
+def _sample_grid(sample_fn, batch, frozen: Frozen, ema_params, fparams) -> np.ndarray:
+  """uint8 [n*H, 4*W, 3]: per example, original | target | edit at (5, 5, 5) | edit at its own rewards."""
+  from mre_jax import input_pipeline, sampling
+  n = batch["original"].shape[0]
+  encode = jax.jit(functools.partial(pretrained.encode_text, frozen.text_encoder))
+  best_text = pretrained.tokenize(frozen.tokenizer, ["; ".join(input_pipeline.BEST_REWARD_TEXTS)] * n)
+  context, _ = encode(fparams["text"], batch["instruction_ids"])
+  null_context, _ = encode(fparams["text"], jnp.broadcast_to(fparams["empty_ids"], batch["instruction_ids"].shape))
+  _, best = encode(fparams["text"], best_text)
+  _, own = encode(fparams["text"], batch["reward_ids"])
+  best_scores = np.tile(np.asarray(input_pipeline.BEST_SCORES, np.float32), (n, 1))
+  cond = sampling.Conditioning(batch["original"], context, null_context, best_scores, best,
+                               sampling.seed_keys(range(n)))
+  guidance = np.asarray([sampling.TEXT_GUIDANCE, sampling.IMAGE_GUIDANCE], np.float32)
+  at_best, _ = sample_fn(ema_params, fparams["vae"], cond, guidance)
+  at_own, _ = sample_fn(ema_params, fparams["vae"], cond._replace(scores=batch["scores"], reward_embeds=own), guidance)
+  to01 = lambda x: np.clip(np.asarray(x) / 2 + 0.5, 0, 1)
+  rows = np.concatenate([to01(batch["original"]), to01(batch["edited"]), np.asarray(at_best), np.asarray(at_own)], 2)
+  return (np.concatenate(list(rows), 0) * 255).round().astype(np.uint8)
+
+
+def _write_png(image: np.ndarray, path: Path) -> None:
+  from PIL import Image
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp")
+  Image.fromarray(image).save(tmp, format="PNG")
+  tmp.replace(path)
 
 
 class _MetricWriter:
