@@ -1,14 +1,14 @@
 """Prints seconds per edit of the JAX editing pipeline and of diffusers' PyTorch pipeline.
 
-  PYTHONPATH=. python benchmarks/edit.py [--size=256] [--steps=30] [--batches=1,4] [--reps=2] \
+  PYTHONPATH=. python benchmarks/edit.py [--size=256] [--steps=30] [--batches=1,4] [--reps=1] \
       [--models=tiny,320ch]
 
 Both run the same random weights (a tiny diffusers-format folder; `320ch` swaps in a
 320/640-channel U-Net with the tiny VAE and text encoder) with Euler ancestral and three-way
-guidance on the same machine. JAX: `edit.edit_arrays` (one jitted program: encode, denoising
-loop, decode), compile time reported separately (first call minus a steady call). PyTorch:
-`StableDiffusionInstructPix2PixPipeline` with `torch_twin.MRERewardUNet`, after one warm-up
-call. The last line is `speedup_vs_pytorch=<PyTorch s/edit / JAX s/edit>` for 320ch at batch 1.
+guidance on the same machine. JAX: the editor's jitted sampler (one program: VAE encode,
+denoising loop, decode) compiled ahead of time (compile time printed separately), then timed
+with text encoding and host transfer included. PyTorch: `StableDiffusionInstructPix2PixPipeline`
+with `torch_twin.MRERewardUNet`, after a one-step warm-up call at the same batch size. The last line is `speedup_vs_pytorch=<PyTorch s/edit / JAX s/edit>` for 320ch at batch 1.
 """
 import os
 import sys
@@ -21,12 +21,12 @@ from absl import flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mre_jax import edit, models, tiny  # pylint: disable=g-import-not-at-top
+from mre_jax import edit, models, sampling, tiny  # pylint: disable=g-import-not-at-top
 
 _SIZE = flags.DEFINE_integer("size", 256, "Image side in pixels (a multiple of 64).")
 _STEPS = flags.DEFINE_integer("steps", 30, "Denoising steps.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "4"], "Batch sizes (images per call).")
-_REPS = flags.DEFINE_integer("reps", 2, "Timed calls per setting (after compile / warm-up).")
+_REPS = flags.DEFINE_integer("reps", 1, "Least timed calls per setting (after compile / warm-up; and >= 3 s).")
 _MODELS = flags.DEFINE_list("models", ["tiny", "320ch"], "Which U-Nets: tiny, 320ch.")
 
 UNETS = {
@@ -47,27 +47,37 @@ def _inputs(batch, size):
   return images, [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
 
 
-def _time(fn, reps):
-  """(first call seconds, mean seconds of `reps` further calls)."""
-  start = time.perf_counter()
-  fn()
-  first = time.perf_counter() - start
-  start = time.perf_counter()
-  for _ in range(reps):
+def _mean_seconds(fn, reps, min_seconds=3.0):
+  """Mean seconds per call over at least `reps` calls and at least `min_seconds` in all."""
+  start, calls = time.perf_counter(), 0
+  while calls < reps or time.perf_counter() - start < min_seconds:
     fn()
-  return first, (time.perf_counter() - start) / reps
+    calls += 1
+  return (time.perf_counter() - start) / calls
 
 
 def _jax(folder, batch, size, steps, reps):
+  """(seconds per call, compile seconds): the sampler compiled ahead of time, then timed."""
   editor = edit.load_editor(folder)
   images, prompts = _inputs(batch, size)
   pixels = np.stack([edit.prepare_image(im, size) for im in images])
-  fn = lambda: edit.edit_arrays(editor, pixels, prompts, seeds=range(batch), steps=steps)
-  first, steady = _time(fn, reps)
-  return steady, first - steady
+  guidance = np.asarray([7.5, 1.5], np.float32)
+
+  def call(fn):
+    cond = edit.make_conditioning(editor, pixels, prompts, seeds=range(batch))  # text encoding included
+    images, finite = fn(editor.unet_params, editor.vae_params, cond, guidance)
+    sampling.check_finite(finite)
+    return np.asarray(images)
+  cond = edit.make_conditioning(editor, pixels, prompts, seeds=range(batch))
+  start = time.perf_counter()
+  compiled = edit.sampler(editor, steps, "euler_ancestral").lower(
+      editor.unet_params, editor.vae_params, cond, guidance).compile()
+  compile_s = time.perf_counter() - start
+  return _mean_seconds(lambda: call(compiled), reps), compile_s
 
 
 def _torch(folder, batch, size, steps, reps):
+  """Seconds per call, after a one-step warm-up call at the same batch size."""
   import torch
   from diffusers import StableDiffusionInstructPix2PixPipeline
   from mre_jax import torch_twin
@@ -79,12 +89,12 @@ def _torch(folder, batch, size, steps, reps):
   pipe.set_progress_bar_config(disable=True)
   images, prompts = _inputs(batch, size)
 
-  def fn():
+  def call(num_steps):
     with torch.inference_mode():
-      pipe(prompts, image=images, num_inference_steps=steps, output_type="np",
+      pipe(prompts, image=images, num_inference_steps=num_steps, output_type="np",
            generator=torch.Generator().manual_seed(0))
-  _, steady = _time(fn, reps)
-  return steady
+  call(1)
+  return _mean_seconds(lambda: call(steps), reps)
 
 
 def main(argv):

@@ -147,20 +147,31 @@ def sample_arrays(editor: Editor, pixels, instructions, *, seeds, scores=None, r
                   scheduler="euler_ancestral", text_guidance=sampling.TEXT_GUIDANCE,
                   image_guidance=sampling.IMAGE_GUIDANCE, init_noise=None) -> tuple[np.ndarray, np.ndarray]:
   """`edit_arrays` without the check: (images float32 [B, H, W, 3] in [0, 1], finite bool [B])."""
+  cond = make_conditioning(editor, pixels, instructions, seeds=seeds, scores=scores, reward_texts=reward_texts)
+  guidance = np.asarray([text_guidance, image_guidance], np.float32)
+  images, finite = sampler(editor, steps, scheduler)(
+      editor.unet_params, editor.vae_params, cond, guidance,
+      None if init_noise is None else np.asarray(init_noise, np.float32))
+  return np.asarray(images), np.asarray(finite)
+
+
+def make_conditioning(editor: Editor, pixels, instructions, *, seeds, scores=None,
+                      reward_texts=None) -> sampling.Conditioning:
+  """The sampler's per-example inputs (see `edit_arrays` for the arguments)."""
   batch = len(instructions)
   scores = np.asarray(scores if scores is not None else [DEFAULT_SCORES] * batch, np.float32).reshape(batch, 3)
   reward_texts = list(reward_texts) if reward_texts is not None else [DEFAULT_REWARD_TEXT] * batch
   context, _ = encode_texts(editor, list(instructions))
   null_context, _ = encode_texts(editor, [""] * batch)
   _, reward_embeds = encode_texts(editor, reward_texts)
-  cond = sampling.Conditioning(np.asarray(pixels, np.float32), context, null_context, scores, reward_embeds,
+  return sampling.Conditioning(np.asarray(pixels, np.float32), context, null_context, scores, reward_embeds,
                                sampling.seed_keys(seeds))
+
+
+def sampler(editor: Editor, steps: int, scheduler: str):
+  """The editor's jitted sampler (`sampling.make_sample_fn`), shared by every call in this process."""
   spec = sampling.spec_from_scheduler_config(editor.scheduler_config, scheduler, steps)
-  fn = sampling.cached_sample_fn(editor.unet, editor.vae, editor.scaling_factor, spec)
-  guidance = np.asarray([text_guidance, image_guidance], np.float32)
-  images, finite = fn(editor.unet_params, editor.vae_params, cond, guidance,
-                      None if init_noise is None else np.asarray(init_noise, np.float32))
-  return np.asarray(images), np.asarray(finite)
+  return sampling.cached_sample_fn(editor.unet, editor.vae, editor.scaling_factor, spec)
 
 
 # ----------------------------------------------------------------------------- images
