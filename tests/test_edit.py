@@ -180,22 +180,24 @@ def test_batch_mode_fails_when_every_request_fails(checkpoint, tmp_path):
 
 
 def _main(*args):
-  return subprocess.run([sys.executable, "main.py", "--config=configs/edit.py", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  """Starts `main.py --config=configs/edit.py ARGS`; returns the Popen (text pipes)."""
+  return subprocess.Popen([sys.executable, "main.py", "--config=configs/edit.py", *args], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_cli_success_in_bfloat16_and_failure(checkpoint, photo, tmp_path):
-  out = tmp_path / "cli.png"
+  out, bad = tmp_path / "cli.png", tmp_path / "bad.png"
   common = [f"--config.checkpoint={checkpoint}", f"--config.image={photo}", f"--config.steps={STEPS}",
-            f"--config.resolution={RES}"]
-  result = _main(*common, "--config.instruction=make it winter", f"--config.output={out}", "--config.dtype=bfloat16",
-                 "--config.scheduler=ddim", "--config.scores=(4.0, 5.0, 3.5)")
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert f"wrote {out}" in result.stdout
+            f"--config.resolution={RES}", "--config.instruction=make it winter"]
+  # both at once: the failing run is mostly imports, which overlap the successful run's work
+  failure = _main(*common, f"--config.output={bad}", "--config.scores=(5.0, 5.0, 7.0)")
+  success = _main(*common, f"--config.output={out}", "--config.dtype=bfloat16", "--config.scheduler=ddim",
+                  "--config.scores=(4.0, 5.0, 3.5)")
+  stdout, stderr = success.communicate(timeout=300)
+  assert success.returncode == 0, stderr[-2000:]
+  assert f"wrote {out}" in stdout
   assert Image.open(out).size == (96, 64)
-  result = _main(*common, "--config.instruction=make it winter", f"--config.output={tmp_path / 'bad.png'}",
-                 "--config.scores=(5.0, 5.0, 7.0)")
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines()[-1] == \
-      "error: config.scores=(5.0, 5.0, 7.0): every score must be in [0, 5]"
-  assert not (tmp_path / "bad.png").exists()
+  _, stderr = failure.communicate(timeout=300)
+  assert failure.returncode == 2
+  assert stderr.strip().splitlines()[-1] == "error: config.scores=(5.0, 5.0, 7.0): every score must be in [0, 5]"
+  assert not bad.exists()
