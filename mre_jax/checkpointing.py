@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from mre_jax import models
@@ -89,13 +90,18 @@ def save_params(manager: ocp.CheckpointManager, step: int, params: Any, ema_para
 def restore_params(path: str | os.PathLike, *, step: int | None = None, use_ema: bool = True) -> tuple[int, Any]:
   """(step, U-Net params) of a checkpoint: the EMA params unless `use_ema` is False."""
   item = "ema_params" if use_ema else "params"
-  manager = make_manager(path)
+  manager = ocp.CheckpointManager(Path(path).absolute() / STATE_DIR,
+                                  item_handlers={item: ocp.StandardCheckpointHandler()})
   try:
     step = manager.latest_step() if step is None or step < 0 else step
     if step is None or step not in manager.all_steps():
       raise FileNotFoundError(f"{Path(path) / STATE_DIR}: no saved step {'' if step is None else step} "
                               f"(steps: {list(manager.all_steps())})")
-    restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))
+    # A run saved on many devices restores onto this process's first device.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                    manager.item_metadata(step)[item])
+    restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
     return step, restored[item]
   finally:
     manager.close()

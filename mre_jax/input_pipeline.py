@@ -181,8 +181,9 @@ def create_dataset(source, *, global_batch_size, crop_size, tokenize_fn, seed,
   """A grain MapDataset of this process's batches.
 
   The record order is one global shuffle per epoch (by `seed`); global batch i holds the
-  records [i * G, (i + 1) * G) of that order, and process p takes every process_count-th of
-  them, so the union of all processes' i-th batches is the same for any process count.
+  records [i * G, (i + 1) * G) of that order, and process p takes its p-th contiguous block of
+  G / process_count records, so the processes' i-th batches, concatenated in process order, are
+  the single-process i-th batch for any process count.
   Augmentation draws from an rng keyed by (seed, position in the global order).
 
   Args:
@@ -203,8 +204,9 @@ def create_dataset(source, *, global_batch_size, crop_size, tokenize_fn, seed,
   ds = ds.random_map(functools.partial(
       prepare_example, crop_size=crop_size, resize=resize, resize_size=resize_size, flip=flip,
       keep_truth=keep_truth), seed=seed)
-  ds = ds[index::count]
-  ds = ds.batch(global_batch_size // count, drop_remainder=True)
+  # Process p takes the p-th contiguous block of each global batch, so the global array
+  # assembled in process order is exactly the single-process batch.
+  ds = ds.batch(global_batch_size // count, drop_remainder=True)[index::count]
   return ds.map(functools.partial(tokenize_batch, tokenize_fn=tokenize_fn))
 
 

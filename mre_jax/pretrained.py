@@ -29,8 +29,9 @@ class _DropFlaxDeprecation(logging.Filter):
 
 import diffusers  # noqa: E402
 
-for _handler in logging.getLogger("diffusers").handlers:
-  _handler.addFilter(_DropFlaxDeprecation())
+for _name in ("attention_flax", "embeddings_flax", "resnet_flax", "vae_flax", "unets.unet_2d_blocks_flax",
+              "unets.unet_2d_condition_flax", "modeling_flax_utils"):
+  logging.getLogger(f"diffusers.models.{_name}").addFilter(_DropFlaxDeprecation())
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

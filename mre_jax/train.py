@@ -276,6 +276,7 @@ def _initialize_distributed(config) -> None:
     kwargs["num_processes"] = d.num_processes
   if d.process_id >= 0:
     kwargs["process_id"] = d.process_id
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only runs need it; GPUs ignore it
   jax.distributed.initialize(**kwargs)
 
 

@@ -106,6 +106,25 @@ def test_sigkill_then_restart_ends_with_the_uninterrupted_parameters(reference, 
     np.testing.assert_array_equal(a, b)
 
 
+def test_two_processes_train_together_and_checkpoint(reference, tfds_dir, tmp_path):
+  import portpicker
+  port = portpicker.pick_unused_port()
+  workdir = tmp_path / "multi"
+  procs = [subprocess.Popen(
+      _cli_args(tfds_dir, workdir, 2) + [
+          "--config.distributed.initialize=True", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+          "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}", "--config.log_every=2"],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  errors = [p.communicate(timeout=400)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+  assert checkpointing.restore_params(workdir)[0] == 2
+  # one log, written by process 0, with the loss of the 1-process run of the same global batch
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  expected = [json.loads(l) for l in (reference[0] / "metrics.jsonl").read_text().splitlines()][0]
+  assert len(lines) == 1 and lines[0]["step"] == expected["step"] == 2
+  assert lines[0]["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
 def test_sigterm_saves_and_stops(tfds_dir, tmp_path):
   workdir = tmp_path / "term"
   proc = subprocess.Popen(_cli_args(tfds_dir, workdir, 10_000), cwd=ROOT, stdout=subprocess.DEVNULL,
