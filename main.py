@@ -14,6 +14,7 @@ from mre_jax.errors import ConfigError
 # job name -> "module:function"; each function takes (config, workdir).
 JOBS = {
     "train": "mre_jax.train:train_and_evaluate",
+    "precompute": "mre_jax.train:precompute_latents",
     "convert": "mre_jax.export:convert",
     "export": "mre_jax.export:export",
     "evaluate": "mre_jax.evaluators:evaluate",

@@ -35,6 +35,8 @@ def get_config(arg: str | None = None):
   config.data.split = "train"
   config.data.crop_size = 32  # training resolution in pixels (256 for SD)
   config.data.resize = "short_side"  # short_side + random crop, or square (the release)
+  config.data.flip = True  # random horizontal flip (the same for both images)
+  config.data.latent_cache = ""  # precomputed encoder outputs (job precompute) to train from
   config.data.worker_count = 0  # grain worker processes (0: threads in this process)
   config.data.prefetch = 8  # batches prefetched
 

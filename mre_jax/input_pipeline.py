@@ -175,9 +175,10 @@ def _process_layout(global_batch_size, process_index, process_count):
   return process_index, process_count
 
 
-def create_dataset(source, *, global_batch_size, crop_size, tokenize_fn, seed,
+def create_dataset(source, *, global_batch_size, crop_size=None, tokenize_fn=None, seed,
                    resize="short_side", resize_size=None, flip=True, shuffle=True,
-                   num_epochs=None, process_index=None, process_count=None, keep_truth=False):
+                   num_epochs=None, process_index=None, process_count=None, keep_truth=False,
+                   prepare_fn=None):
   """A grain MapDataset of this process's batches.
 
   The record order is one global shuffle per epoch (by `seed`); global batch i holds the
@@ -191,6 +192,8 @@ def create_dataset(source, *, global_batch_size, crop_size, tokenize_fn, seed,
     global_batch_size: examples per step over all processes.
     num_epochs: None repeats forever; otherwise the last partial global batch is dropped.
     process_index, process_count: default to jax.process_index() / jax.process_count().
+    prepare_fn: `fn(example, rng) -> example` replacing decode/augment/tokenize (e.g. for
+      precomputed latents, see `latent_cache`).
   """
   index, count = _process_layout(global_batch_size, process_index, process_count)
   if len(source) == 0:
@@ -201,12 +204,14 @@ def create_dataset(source, *, global_batch_size, crop_size, tokenize_fn, seed,
   ds = ds.repeat(num_epochs)
   if num_epochs is not None:
     ds = ds[:len(ds) // global_batch_size * global_batch_size]
-  ds = ds.random_map(functools.partial(
+  ds = ds.random_map(prepare_fn or functools.partial(
       prepare_example, crop_size=crop_size, resize=resize, resize_size=resize_size, flip=flip,
       keep_truth=keep_truth), seed=seed)
   # Process p takes the p-th contiguous block of each global batch, so the global array
   # assembled in process order is exactly the single-process batch.
   ds = ds.batch(global_batch_size // count, drop_remainder=True)[index::count]
+  if prepare_fn is not None:
+    return ds
   return ds.map(functools.partial(tokenize_batch, tokenize_fn=tokenize_fn))
 
 

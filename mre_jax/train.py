@@ -22,7 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mre_jax import checkpointing, diffusion, export, models, pretrained, sharding, tiny
+from mre_jax import checkpointing, diffusion, export, latent_cache, models, pretrained, sharding, tiny
 from mre_jax.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -152,16 +152,23 @@ def ema_decay(step: jax.Array, ema) -> jax.Array:
 # ----------------------------------------------------------------------------- the step
 
 
+def encode_batch(frozen: Frozen, fparams, batch) -> dict:
+  """Frozen encoders on an image batch: the fields a latent cache stores (see latent_cache)."""
+  mean, logvar = pretrained.vae_encode(frozen.vae, fparams["vae"], batch["edited"])
+  cond, _ = pretrained.vae_encode(frozen.vae, fparams["vae"], batch["original"])
+  context, _ = pretrained.encode_text(frozen.text_encoder, fparams["text"], batch["instruction_ids"])
+  _, reward_embeds = pretrained.encode_text(frozen.text_encoder, fparams["text"], batch["reward_ids"])
+  return dict(latent_mean=mean, latent_logvar=logvar, cond=cond, context=context, reward_embeds=reward_embeds,
+              scores=batch["scores"])
+
+
 def _encode(frozen: Frozen, fparams, batch, rng):
-  """Frozen encoders: (target latents, image cond, instruction context, reward embeddings)."""
-  vae, text = frozen.vae, frozen.text_encoder
-  mean, logvar = pretrained.vae_encode(vae, fparams["vae"], batch["edited"])
+  """(target latents, image cond, instruction context, reward embeddings, "" context), float32."""
+  enc = batch if "latent_mean" in batch else encode_batch(frozen, fparams, batch)
+  mean, logvar = enc["latent_mean"], enc["latent_logvar"]
   latents = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)) * frozen.scaling_factor
-  cond, _ = pretrained.vae_encode(vae, fparams["vae"], batch["original"])
-  context, _ = pretrained.encode_text(text, fparams["text"], batch["instruction_ids"])
-  _, reward_embeds = pretrained.encode_text(text, fparams["text"], batch["reward_ids"])
-  empty, _ = pretrained.encode_text(text, fparams["text"], fparams["empty_ids"])
-  out = (latents, cond, context, reward_embeds, jnp.broadcast_to(empty, context.shape))
+  empty, _ = pretrained.encode_text(frozen.text_encoder, fparams["text"], fparams["empty_ids"])
+  out = (latents, enc["cond"], enc["context"], enc["reward_embeds"], jnp.broadcast_to(empty, enc["context"].shape))
   return jax.tree_util.tree_map(lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)), out)
 
 
@@ -245,8 +252,15 @@ BATCH_KEYS = ("original", "edited", "instruction_ids", "reward_ids", "scores")
 
 
 def make_data_iterator(config, frozen: Frozen, workdir: Path):
-  from mre_jax import input_pipeline
+  """(checkpointable iterator of this process's batches, sample-grid batch or None)."""
+  from mre_jax import input_pipeline, latent_cache
   data = config.data
+  if data.latent_cache:  # precomputed encoder outputs: no images, so no sample grids
+    ds = input_pipeline.create_dataset(
+        latent_cache.CacheSource(data.latent_cache), global_batch_size=config.batch_size, seed=config.seed,
+        prepare_fn=functools.partial(latent_cache.prepare, flip=data.flip))
+    return input_pipeline.create_iterator(ds, worker_count=data.worker_count,
+                                          prefetch_buffer_size=data.prefetch), None
   data_dir = data.data_dir or str(workdir / "tfds")
   kwargs = {"config": data.builder_config} if data.builder_config else {}
   if jax.process_index() == 0:  # one process builds; the others read what it wrote
@@ -256,7 +270,8 @@ def make_data_iterator(config, frozen: Frozen, workdir: Path):
   tokenize_fn = input_pipeline.clip_tokenize_fn(frozen.tokenizer)
   data_iter = input_pipeline.create_input_iterator(
       builder, data.split, global_batch_size=config.batch_size, crop_size=data.crop_size, tokenize_fn=tokenize_fn,
-      seed=config.seed, resize=data.resize, worker_count=data.worker_count, prefetch_buffer_size=data.prefetch)
+      seed=config.seed, resize=data.resize, flip=data.flip, worker_count=data.worker_count,
+      prefetch_buffer_size=data.prefetch)
   # The same first examples on every process, unshuffled and unflipped: the sample grid's inputs.
   sample_ds = input_pipeline.create_dataset(
       input_pipeline.data_source(builder, data.split), global_batch_size=config.sample.count,
@@ -334,7 +349,8 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
                         config=config),
       in_shardings=(state_sh, sharding.batch_sharding(mesh), repl, repl), out_shardings=(state_sh, repl),
       donate_argnums=0)
-  sample_fn = functools.partial(_sample_grid, make_sampler(config, unet, frozen), sample_batch, frozen)
+  sample_fn = None if sample_batch is None else functools.partial(
+      _sample_grid, make_sampler(config, unet, frozen), sample_batch, frozen)
   try:
     return _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sample_fn)
   finally:
@@ -353,7 +369,8 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sa
   t0, images, metrics = time.time(), 0, {}
   for step in range(start + 1, config.num_steps + 1):
     local = next(data_iter)
-    batch = sharding.global_batch({k: local[k] for k in BATCH_KEYS}, mesh)
+    keys = latent_cache.FIELDS if config.data.latent_cache else BATCH_KEYS
+    batch = sharding.global_batch({k: local[k] for k in keys}, mesh)
     state, metrics = step_fn(state, batch, fparams, rng)
     metrics = jax.device_get(metrics)
     if not np.isfinite(metrics["loss"]):
@@ -368,7 +385,7 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sa
       bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.1f}")
       t0, images = time.time(), 0
     bar.update(1)
-    if config.sample.every and (step % config.sample.every == 0 or step == config.num_steps):
+    if sample_fn is not None and config.sample.every and (step % config.sample.every == 0 or step == config.num_steps):
       grid = sample_fn(state.ema_params, fparams)
       if main_process:
         _write_png(grid, workdir / "samples" / f"step_{step:07d}.png")
@@ -451,3 +468,51 @@ class _MetricWriter:
 
 def _metric_writer(workdir: Path) -> _MetricWriter:
   return _MetricWriter(workdir)
+
+
+# ----------------------------------------------------------------------------- latent cache
+
+
+def precompute_latents(config, workdir: str | None) -> Path:
+  """Job (configs/train.py with --config.job=precompute): encodes the training data once.
+
+  Writes `config.data.latent_cache` (see latent_cache); training with that field set then runs
+  only the U-Net. Images are encoded uncropped-at-random and unflipped; each process encodes
+  its slice on its own devices.
+  """
+  from mre_jax import input_pipeline
+  if not workdir:
+    raise ConfigError("--workdir is required: the frozen encoders are read from (or written to) it")
+  if not config.data.latent_cache:
+    raise ConfigError("config.data.latent_cache is required (job 'precompute'): the folder to write")
+  cache = Path(config.data.latent_cache).absolute()
+  if (cache / latent_cache.INDEX).exists():
+    raise FileExistsError(f"config.data.latent_cache={cache}: already holds a cache")
+  _initialize_distributed(config)
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  prepare_workdir(config, workdir)
+  frozen, fparams = load_frozen(workdir, jnp.float32)
+  data = config.data
+  data_dir = data.data_dir or str(workdir / "tfds")
+  kwargs = {"config": data.builder_config} if data.builder_config else {}
+  builder = input_pipeline.build_dataset(data.name, data_dir, data.manual_dir or None, **kwargs)
+  ds = input_pipeline.create_dataset(
+      input_pipeline.data_source(builder, data.split), global_batch_size=config.batch_size,
+      crop_size=data.crop_size, tokenize_fn=input_pipeline.clip_tokenize_fn(frozen.tokenizer), seed=config.seed,
+      resize=data.resize, flip=False, shuffle=False, num_epochs=1)
+  encode = jax.jit(functools.partial(encode_batch, frozen))
+  fparams = jax.device_put(fparams, jax.local_devices()[0])
+  rows = {f: [] for f in latent_cache.FIELDS}
+  for batch in ds:
+    out = jax.device_get(encode(fparams, {k: batch[k] for k in BATCH_KEYS}))
+    for f in latent_cache.FIELDS:
+      rows[f].append(np.asarray(out[f], np.float32))
+  index, count = jax.process_index(), jax.process_count()
+  shards = [f"part-{i}-of-{count}" for i in range(count)]
+  latent_cache.write_shard(cache, shards[index], {f: np.concatenate(v) for f, v in rows.items()})
+  _sync("latent cache written")
+  if index == 0:
+    latent_cache.write_index(cache, shards)
+    print(f"wrote latent cache {cache}: {sum(len(v) for v in rows['scores'])} examples per process")
+  return cache

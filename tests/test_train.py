@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import train as train_config
 from mre_jax import checkpointing, train
@@ -37,6 +38,7 @@ def _config(tfds_dir, **overrides):
   config.checkpoint.every = 1
   config.checkpoint.async_save = False
   config.log_every = 2
+  config.sample.every = 0
   for key, value in overrides.items():
     target = config
     *path, leaf = key.split(".")
@@ -60,7 +62,7 @@ def _cli_args(tfds_dir, workdir, steps):
 def reference(tfds_dir, tmp_path_factory):
   """An uninterrupted 6-step run that saves every step: (workdir, final state)."""
   workdir = tmp_path_factory.mktemp("reference") / "run"
-  return workdir, train.train_and_evaluate(_config(tfds_dir), str(workdir))
+  return workdir, train.train_and_evaluate(_config(tfds_dir, **{"sample.every": 6}), str(workdir))
 
 
 def _copy_run(reference, target, last_step):
@@ -76,6 +78,8 @@ def test_train_writes_checkpoints_logs_and_learns(reference):
   assert int(state.step) == 6 and checkpointing.is_checkpoint(workdir)
   assert sorted(int(p.name) for p in (workdir / "state").iterdir()) == [4, 5, 6]  # keep=3
   assert list((workdir / "tensorboard").iterdir())
+  grid = np.asarray(Image.open(workdir / "samples" / "step_0000006.png"))
+  assert grid.shape == (4 * 32, 4 * 32, 3)  # 4 examples x (original | target | edit@5,5,5 | edit@own)
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [2, 4, 6] and all(np.isfinite(l["loss"]) for l in lines)
   _, params = checkpointing.restore_params(workdir, use_ema=False)
@@ -152,6 +156,37 @@ def test_nan_loss_stops_naming_the_step_and_is_not_saved(reference, tfds_dir, tm
   with pytest.raises(FloatingPointError, match="step 5: loss is nan"):
     train.train_and_evaluate(_config(tfds_dir), str(workdir))
   assert checkpointing.restore_params(workdir)[0] == 4
+
+
+def test_latent_cache_holds_the_frozen_encoders_outputs_and_trains(tfds_dir, tmp_path):
+  import functools
+  from mre_jax import input_pipeline, latent_cache, pretrained
+  cache = str(tmp_path / "cache")
+  train.precompute_latents(_config(tfds_dir, **{"data.latent_cache": cache}), str(tmp_path / "encoders"))
+  with pytest.raises(FileExistsError, match="already holds a cache"):
+    train.precompute_latents(_config(tfds_dir, **{"data.latent_cache": cache}), str(tmp_path / "encoders"))
+  # independent of the job: encode the first examples here and compare
+  frozen, fparams = train.load_frozen(tmp_path / "encoders", np.float32)
+  source = input_pipeline.data_source(input_pipeline.build_dataset("synthetic_edit", tfds_dir, config="tiny"), "train")
+  images = input_pipeline.create_dataset(
+      source, global_batch_size=4, crop_size=32, tokenize_fn=input_pipeline.clip_tokenize_fn(frozen.tokenizer),
+      seed=0, flip=False, shuffle=False, process_index=0, process_count=1)[0]
+  expected = train.encode_batch(frozen, fparams, {k: images[k] for k in train.BATCH_KEYS})
+  cached = latent_cache.CacheSource(cache)
+  assert len(cached) == len(source)
+  for i in range(4):
+    row = cached[i]
+    for field in ("latent_mean", "latent_logvar", "cond", "reward_embeds", "scores"):
+      np.testing.assert_allclose(row[field], expected[field][i], rtol=1e-4, atol=1e-5)
+    # the instruction is one of the example's wordings, fixed in the cache
+    wordings = [w.decode() for w in source[i]["instructions"]]
+    contexts = pretrained.encode_text(frozen.text_encoder, fparams["text"],
+                                      pretrained.tokenize(frozen.tokenizer, wordings))[0]
+    assert min(np.abs(np.asarray(c) - row["context"]).max() for c in contexts) < 1e-4
+  state = train.train_and_evaluate(_config(tfds_dir, **{"data.latent_cache": cache, "num_steps": 2}),
+                                   str(tmp_path / "cached"))
+  assert int(state.step) == 2
+  assert all(np.isfinite(json.loads(l)["loss"]) for l in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines())
 
 
 @pytest.mark.parametrize("override,message", [

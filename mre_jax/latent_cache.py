@@ -1,0 +1,80 @@
+"""Precomputed outputs of the frozen encoders, read by the input pipeline instead of images.
+
+With the VAE and the text encoder frozen, their outputs can be computed once
+(`train.precompute_latents`) and training then runs only the U-Net. A cache folder holds
+
+  index.json                       {"count": N, "shards": ["part-0-of-1", ...]}
+  part-<p>-of-<n>.<field>.npy      one array per field and process, N_p rows each
+
+per example (h = w = crop_size / 8, D = text width):
+  latent_mean, latent_logvar  float32 [h, w, 4]  VAE posterior of the edited image (unscaled)
+  cond                        float32 [h, w, 4]  VAE mode of the original image (unscaled)
+  context                     float32 [77, D]    CLIP last hidden states of the instruction
+  reward_embeds               float32 [D]        CLIP pooled output of the joined reward text
+  scores                      float32 [3]
+
+Images are encoded without random crop or flip, and with one instruction wording per example
+(drawn with the seed); `prepare` flips latents and cond together, the usual approximation of an
+image flip in latent space. Training from a cache is therefore close to, not identical with,
+training from images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+FIELDS = ("latent_mean", "latent_logvar", "cond", "context", "reward_embeds", "scores")
+_SPATIAL = ("latent_mean", "latent_logvar", "cond")
+INDEX = "index.json"
+
+
+class CacheSource:
+  """Random-access source over a cache folder (memory-mapped; grain reads it like TFDS)."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
+    index_file = self.path / INDEX
+    if not index_file.is_file():
+      raise FileNotFoundError(f"{index_file}: missing; make a latent cache with the precompute job "
+                              "(python main.py --config=configs/train.py --config.job=precompute ...)")
+    index = json.loads(index_file.read_text())
+    self._shards = [{f: np.load(self.path / f"{shard}.{f}.npy", mmap_mode="r") for f in FIELDS}
+                    for shard in index["shards"]]
+    self._starts = np.cumsum([0] + [len(s["scores"]) for s in self._shards])
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    shard = int(np.searchsorted(self._starts, i, side="right") - 1)
+    row = i - self._starts[shard]
+    return {f: np.array(self._shards[shard][f][row]) for f in FIELDS}
+
+
+def prepare(example: dict[str, np.ndarray], rng: np.random.Generator, *, flip: bool) -> dict[str, np.ndarray]:
+  """Random horizontal flip of the spatial fields, the same for all of them."""
+  if flip and rng.random() < 0.5:
+    example = {k: v[:, ::-1].copy() if k in _SPATIAL else v for k, v in example.items()}
+  return example
+
+
+def write_shard(path: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
+  """Writes one process's rows, each file through a temporary name."""
+  path.mkdir(parents=True, exist_ok=True)
+  for field in FIELDS:
+    tmp = path / f".{name}.{field}.npy.tmp"
+    with open(tmp, "wb") as f:
+      np.save(f, np.ascontiguousarray(arrays[field], np.float32))
+    os.replace(tmp, path / f"{name}.{field}.npy")
+
+
+def write_index(path: Path, shards: list[str]) -> None:
+  """Written last (by process 0): a cache without its index is never read."""
+  count = sum(len(np.load(path / f"{s}.scores.npy", mmap_mode="r")) for s in shards)
+  tmp = path / f".{INDEX}.tmp"
+  tmp.write_text(json.dumps({"count": count, "shards": shards}))
+  os.replace(tmp, path / INDEX)
