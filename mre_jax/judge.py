@@ -136,12 +136,22 @@ def _dict_spans(text: str):
           break
 
 
+# CPython 3.11's parser is not safe to call from several threads at once ("AST constructor
+# recursion depth mismatch"); answers are parsed in the judge's worker threads.
+_AST_LOCK = threading.Lock()
+
+
+def _literal_eval(text: str):
+  with _AST_LOCK:
+    return ast.literal_eval(text)
+
+
 def _load_dict(span: str):
   """A dict from JSON or a Python literal (also with JSON's true/false/null); else None."""
-  for attempt in (json.loads, ast.literal_eval,
-                  lambda s: ast.literal_eval(re.sub(r"\b(true|false|null)\b",
-                                                    lambda m: {"true": "True", "false": "False",
-                                                               "null": "None"}[m.group(1)], s))):
+  for attempt in (json.loads, _literal_eval,
+                  lambda s: _literal_eval(re.sub(r"\b(true|false|null)\b",
+                                                 lambda m: {"true": "True", "false": "False",
+                                                            "null": "None"}[m.group(1)], s))):
     try:
       value = attempt(span)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
