@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -524,3 +524,22 @@ def _run_batch(editor: Editor, group: list[_Request], settings: Settings, batch_
       r.record["seconds"] = round(seconds, 3)
     except (ValueError, OSError) as e:
       r.fail(f"cannot write output: {e}")
+
+
+def make_edit_fn(config) -> Callable[[Sequence[Image.Image], Sequence[str]], list[Image.Image]]:
+  """The Real-Edit runner's edit function (`configs/evaluate.py`: `checkpoint`, `edit.*`).
+
+  Returns edit_fn(images, instructions) -> edited PIL images, every pair edited with the
+  configured sampler, seed and reward condition.
+  """
+  opts = config.edit
+  editor = load_editor(require(config, "checkpoint"), step=opts.step, use_ema=opts.use_ema, dtype=opts.dtype)
+  scores = check_scores(opts.scores, "config.edit.scores")
+
+  def edit_fn(images, instructions):
+    n = len(instructions)
+    return edit_images(editor, [to_rgb(im) for im in images], list(instructions), resolution=opts.resolution,
+                       seeds=[opts.seed] * n, scores=[scores] * n, reward_texts=[opts.reward_text] * n,
+                       steps=opts.steps, scheduler=opts.scheduler, text_guidance=opts.text_guidance,
+                       image_guidance=opts.image_guidance)
+  return edit_fn

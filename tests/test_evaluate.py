@@ -293,3 +293,17 @@ def test_annotate_with_judge_server(tmp_path):
   failures = json.loads((tmp_path / "run" / "failures.json").read_text())
   assert failures["synth_00001"]["reason"] == "unparsed"
   assert "following" in failures["synth_00001"]["detail"]
+
+
+def test_real_model_edits_through_the_default_edit_factory(tmp_path, tiny_folder):
+  """config.checkpoint + config.edit.* -> mre_jax.edit.make_edit_fn -> judged edits."""
+  info = evaluators.write_synthetic_real_edit(str(tmp_path / "re"), 1, size=32)
+  config = evaluate_config.get_config()
+  config.real_edit_dir = str(tmp_path / "re")
+  config.checkpoint = str(tiny_folder)
+  config.edit.steps, config.edit.resolution = 2, 64
+  config.judge.backend, config.judge.truth = "synthetic", info["truth"]
+  table = evaluators.run_real_edit(config, str(tmp_path / "run"))
+  assert table["counts"]["items"] == 7 and table["counts"]["failed"] == 0
+  assert table["rows"]["overall"]["quality"]["judged"] == 7
+  assert len(list((tmp_path / "run").rglob("*.png"))) >= 7  # the edits, on disk for resuming
