@@ -302,3 +302,24 @@ def test_rgb_jpegs_are_stored_without_a_second_compression():
   assert isinstance(small, np.ndarray) and small.shape == (100, 114, 3)
   gray = records.load_for_storage(fx.image_bytes(fx.random_image(rng, 70, 80), mode="L"))
   assert isinstance(gray, np.ndarray) and gray.shape == (70, 80, 3)
+
+
+def test_the_tfds_build_command_builds_from_manual_dir(tmp_path):
+  """The standard command, as a user runs it (needs the [tfds-cli] extra)."""
+  import shutil
+  import subprocess
+  pytest.importorskip("apache_beam")
+  tfds_cli = shutil.which("tfds", path=os.path.dirname(sys.executable))
+  rng = np.random.default_rng(5)
+  src = tmp_path / "src"
+  fx.write_image(str(src / "p1.jpg"), fx.random_image(rng, 48, 64))
+  strings = [f"{c}. Some words: do {c.lower()} thing" for c in
+             ("Local", "Remove", "Add", "Texture", "Background", "Global", "Style")]
+  (src / "real_edit.json").write_text(json.dumps({"p1.jpg": strings}))
+  root = os.path.dirname(ip.DATA_ROOT)
+  for args in (["data/synthetic_edit", "--config=tiny"], ["data/real_edit", f"--manual_dir={src}"]):
+    out = subprocess.run([tfds_cli, "build", *args, f"--data_dir={tmp_path / 'out'}"], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+  assert list((tmp_path / "out" / "synthetic_edit" / "tiny").rglob("*.array_record*"))
+  assert list((tmp_path / "out" / "real_edit").rglob("*.array_record*"))
