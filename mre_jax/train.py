@@ -78,10 +78,13 @@ def validate(config, num_devices: int) -> None:
 # ----------------------------------------------------------------------------- model setup
 
 
-def prepare_workdir(config, workdir: Path) -> checkpointing.ModelSpec:
-  """Writes the model spec and frozen parts into a new workdir; reads them from an old one."""
+def prepare_workdir(config, workdir: Path) -> tuple[checkpointing.ModelSpec, Any]:
+  """Writes the frozen parts into a new workdir; reads the spec of an old one.
+
+  Returns (spec, U-Net params when they had to be loaded to learn the spec, else None).
+  """
   if checkpointing.is_checkpoint(workdir):
-    return checkpointing.read_spec(workdir)
+    return checkpointing.read_spec(workdir), None
   reward = config.stage == 2 and config.model.reward
   if config.model.init == "tiny":
     unet_cfg = dataclasses.replace(tiny.UNET, **config.model.get("unet", {}))
@@ -102,20 +105,20 @@ def prepare_workdir(config, workdir: Path) -> checkpointing.ModelSpec:
       export.copy_frozen_parts(source, tmp)
     checkpointing.publish(tmp, workdir / checkpointing.FROZEN_DIR)
   _sync("frozen parts written")
-  return spec
+  return spec, params
 
 
 def initial_params(config, spec: checkpointing.ModelSpec) -> Any:
-  """Host (numpy) U-Net params to start from, when the workdir has no checkpoint."""
+  """Host (numpy) U-Net params of a tiny model or of a project checkpoint to start from."""
   model = models.RewardUNet(spec.unet, reward=spec.reward)
   if config.model.init == "tiny":
     return models.init_unet_params(model, config.seed)
-  if checkpointing.is_checkpoint(config.model.pretrained):
-    _, params = checkpointing.restore_params(config.model.pretrained, use_ema=True)
+  _, params = checkpointing.restore_params(config.model.pretrained, use_ema=True)
+  params = {k: v for k, v in params.items() if k not in models.REWARD_MODULES or spec.reward}
+  if spec.reward:  # reward modules the checkpoint lacks start from the release's random init
     fresh = models.init_unet_params(model, config.seed)
-    params = {k: v for k, v in params.items() if k not in models.REWARD_MODULES or spec.reward}
-    return {**{k: v for k, v in fresh.items() if k in models.REWARD_MODULES}, **params} if spec.reward else params
-  return export.unet_from_diffusers(config.model.pretrained, reward=spec.reward, seed=config.seed)[1]
+    params = {**{k: v for k, v in fresh.items() if k in models.REWARD_MODULES}, **params}
+  return params
 
 
 def load_frozen(workdir: Path, dtype) -> tuple[Frozen, dict]:
@@ -128,14 +131,20 @@ def load_frozen(workdir: Path, dtype) -> tuple[Frozen, dict]:
   return frozen, {"vae": vae_params, "text": text_params, "empty_ids": pretrained.tokenize(tokenizer, [""])}
 
 
+def lr_schedule(optim) -> optax.Schedule:
+  """Constant lr after an optional linear warm-up (the release: no warm-up)."""
+  if optim.warmup_steps <= 0:
+    return optax.constant_schedule(optim.lr)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, optim.lr, optim.warmup_steps), optax.constant_schedule(optim.lr)],
+      [optim.warmup_steps])
+
+
 def make_optimizer(optim) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; constant lr after an optional linear warm-up."""
-  lr = optax.join_schedules(
-      [optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1)), optax.constant_schedule(optim.lr)],
-      [optim.warmup_steps]) if optim.warmup_steps > 0 else optim.lr
+  """AdamW with global-norm clipping."""
   return optax.chain(
       optax.clip_by_global_norm(optim.clip_norm),
-      optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
+      optax.adamw(lr_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
 
 
 def ema_decay(step: jax.Array, ema) -> jax.Array:
@@ -316,7 +325,7 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
   validate(config, mesh.size)
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  spec = prepare_workdir(config, workdir)
+  spec, loaded_params = prepare_workdir(config, workdir)
   if jax.process_index() == 0 and not checkpointing.is_checkpoint(workdir):
     checkpointing.write_spec(workdir, spec)
   frozen, fparams = load_frozen(workdir, DTYPES[config.model.dtype])
@@ -339,7 +348,7 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
     state = _restore(manager, abstract, data_iter)
     logging.info("resumed from step %d of %s", int(state.step), workdir)
   else:
-    host = initial_params(config, spec)
+    host = initial_params(config, spec) if loaded_params is None else loaded_params
     params, ema = sharding.place(host, state_sh.params), sharding.place(host, state_sh.ema_params)
     opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
     state = TrainState(jax.device_put(np.int32(0), state_sh.step), params, ema, opt_state)
@@ -379,7 +388,7 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sa
     if step % config.log_every == 0 or step == config.num_steps:
       rate = images / max(time.time() - t0, 1e-9)
       scalars = {**{k: float(v) for k, v in metrics.items()}, "images_per_sec": rate,
-                 "lr": float(config.optim.lr)}
+                 "lr": float(lr_schedule(config.optim)(step - 1))}
       if writer is not None:
         writer.write(step, scalars)
       bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.1f}")

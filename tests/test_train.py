@@ -189,6 +189,27 @@ def test_latent_cache_holds_the_frozen_encoders_outputs_and_trains(tfds_dir, tmp
   assert all(np.isfinite(json.loads(l)["loss"]) for l in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines())
 
 
+def test_stage1_from_sd15_style_folder_and_stage2_from_its_checkpoint(tfds_dir, tmp_path):
+  import dataclasses
+  from mre_jax import export, models, tiny
+  sd = tiny.write_tiny_model_folder(tmp_path / "sd", seed=4, unet=dataclasses.replace(tiny.UNET, in_channels=4),
+                                    reward=False)
+  stage1 = tmp_path / "stage1"
+  train.train_and_evaluate(_config(tfds_dir, **{"stage": 1, "num_steps": 2, "model.init": "pretrained",
+                                                "model.pretrained": str(sd)}), str(stage1))
+  spec = checkpointing.read_spec(stage1)
+  assert spec.unet.in_channels == 8 and not spec.reward
+  _, first = checkpointing.restore_params(stage1, step=1, use_ema=False)
+  source = export.unet_from_diffusers(sd, reward=False)[1]
+  # one optimiser step from the widened SD weights: close to them, not equal
+  delta = np.abs(first["conv_out"]["kernel"] - source["conv_out"]["kernel"]).max()
+  assert 0 < delta < 1e-2
+  stage2 = tmp_path / "stage2"
+  state = train.train_and_evaluate(_config(tfds_dir, **{"num_steps": 2, "model.init": "pretrained",
+                                                        "model.pretrained": str(stage1)}), str(stage2))
+  assert checkpointing.read_spec(stage2).reward and set(models.REWARD_MODULES) <= set(state.params)
+
+
 @pytest.mark.parametrize("override,message", [
     ({"optim.lr": -1.0}, "config.optim.lr=-1.0"),
     ({"batch_size": 6, "grad_accum_steps": 4}, "config.batch_size=6 is not divisible"),
