@@ -210,6 +210,16 @@ def test_stage1_from_sd15_style_folder_and_stage2_from_its_checkpoint(tfds_dir, 
   assert checkpointing.read_spec(stage2).reward and set(models.REWARD_MODULES) <= set(state.params)
 
 
+def test_bfloat16_compute_with_remat_and_accumulation_trains(tfds_dir, tmp_path):
+  state = train.train_and_evaluate(
+      _config(tfds_dir, **{"model.dtype": "bfloat16", "model.remat": True, "grad_accum_steps": 2,
+                           "optim.warmup_steps": 2, "num_steps": 2, "log_every": 1}), str(tmp_path))
+  assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(state.params))
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["lr"] for l in lines] == pytest.approx([0.0, 1.5e-4])  # linear warm-up to 3e-4
+  assert all(np.isfinite(l["loss"]) and l["grad_norm"] > 0 for l in lines)
+
+
 @pytest.mark.parametrize("override,message", [
     ({"optim.lr": -1.0}, "config.optim.lr=-1.0"),
     ({"batch_size": 6, "grad_accum_steps": 4}, "config.batch_size=6 is not divisible"),
