@@ -17,6 +17,12 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.job = "annotate"
   config.source = ""  # InsPix2Pix folder root (holds seeds.json)
+  # ... or any TFDS builder in data/ (instead of source), e.g. instruct_pix2pix from parquet:
+  config.dataset = ""  # builder name; its records' original, edited and instruction are judged
+  config.builder_config = ""  # builder config name ("" = default)
+  config.data_dir = ""  # where the TFDS data is (or is built)
+  config.manual_dir = ""  # the builder's local source files
+  config.split = "train"
   config.output = "RewardEdit_20K.json"  # file name of the RewardEdit JSON inside the workdir
   config.limit = 0  # only the first N names of seeds.json; 0: all
   config.judge = judge.judge_config()

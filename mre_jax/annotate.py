@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -41,6 +42,7 @@ class Triplet:
   original: str = ""
   edited: str = ""
   error: str | None = None
+  load: Any = None  # () -> (original, edited) uint8 arrays, for records of a TFDS source
 
 
 def _triplet(root: str, name: str, seeds: list) -> Triplet:
@@ -80,6 +82,29 @@ def load_triplets(root: str) -> list[Triplet]:
   return triplets
 
 
+def dataset_triplets(config) -> list[Triplet]:
+  """Triplets of a prepared TFDS builder in data/ (config.dataset, e.g. instruct_pix2pix).
+
+  A record's key in the output is the folder of its `name` field (`<folder>/<seed>`, with the
+  seed kept in the entry as the reward_edit builder reads it), else `<dataset>/<index>`.
+  """
+  from mre_jax import input_pipeline
+  kwargs = {"config": config.builder_config} if config.builder_config else {}
+  builder = input_pipeline.build_dataset(config.dataset, config.data_dir, config.manual_dir or None, **kwargs)
+  source = input_pipeline.data_source(builder, config.split)
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+  triplets = []
+  for i in range(len(source)):
+    record = source[i]
+    name, seed = text(record.get("name", b"")), ""
+    if name.rpartition("/")[2].isdigit():
+      name, _, seed = name.rpartition("/")
+    load = lambda i=i: (np.asarray(source[i]["original"]), np.asarray(source[i]["edited"]))
+    triplets.append(Triplet(name or f"{config.dataset}/{i}", seed=seed, instruction=text(record["instruction"]),
+                            load=load))
+  return triplets
+
+
 def _load(path: str):
   return lambda: (records.load_rgb(path[0]), records.load_rgb(path[1]))
 
@@ -93,7 +118,7 @@ def _fail(message: str):
 def _requests(triplets: list[Triplet]) -> list:
   out = []
   for t in triplets:
-    load = _fail(t.error) if t.error else _load((t.original, t.edited))
+    load = _fail(t.error) if t.error else (t.load or _load((t.original, t.edited)))
     out += [judge.Request(t.name, p, t.instruction, load, describe=True, meta={"seed": t.seed})
             for p in judge.PERSPECTIVES]
   return out
@@ -135,14 +160,19 @@ def annotate(config, workdir: str) -> dict:
   """The `annotate` job; returns the written RewardEdit dict."""
   if not workdir:
     raise ConfigError("--workdir is required (job 'annotate')")
-  root = require(config, "source")
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"config.source={root!r} is not a folder (an InsPix2Pix folder "
-                            "with seeds.json)")
+  if config.dataset:
+    if not config.data_dir:
+      raise ConfigError("config.data_dir is required with config.dataset (where TFDS data is built)")
+    triplets = dataset_triplets(config)
+  else:
+    root = require(config, "source")
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f"config.source={root!r} is not a folder (an InsPix2Pix folder "
+                              "with seeds.json)")
+    triplets = load_triplets(root)
   out_path = os.path.join(workdir, config.output)
   os.makedirs(workdir, exist_ok=True)
   output = _read_output(out_path)
-  triplets = load_triplets(root)
   triplets = triplets[:config.limit] if config.limit else triplets
   todo = [t for t in triplets if t.name not in output]
   logging.info("annotate: %d names, %d already annotated", len(triplets), len(triplets) - len(todo))

@@ -307,3 +307,18 @@ def test_real_model_edits_through_the_default_edit_factory(tmp_path, tiny_folder
   assert table["counts"]["items"] == 7 and table["counts"]["failed"] == 0
   assert table["rows"]["overall"]["quality"]["judged"] == 7
   assert len(list((tmp_path / "run").rglob("*.png"))) >= 7  # the edits, on disk for resuming
+
+
+def test_annotate_a_tfds_source(tmp_path):
+  """Triplets from a data/ builder (instruct_pix2pix built from a folder) instead of a folder."""
+  info = annotate.write_synthetic_ip2p(str(tmp_path / "ip"), 3, size=32)
+  answer = "{'verdict': 'yes', 'score': 4, 'failure': 'None'}"
+  with FakeOpenAI(lambda body, n: Reply(answer)) as server:
+    config = annotate_config.get_config()
+    config.dataset, config.manual_dir, config.data_dir = "instruct_pix2pix", str(tmp_path / "ip"), str(tmp_path / "tfds")
+    config.judge.base_url, config.judge.api_key, config.judge.backoff_s = server.url, KEY, 0.01
+    out = annotate.annotate(config, str(tmp_path / "run"))
+    assert server.count == 9
+  assert sorted(out) == sorted(info["examples"])
+  assert [e["seed"] for e in out["synth_00001"]] == ["1"] * 3
+  assert all([e["Score"] for e in entries] == [4.0, 4.0, 4.0] for entries in out.values())
