@@ -37,7 +37,7 @@ import re
 import threading
 import time
 from concurrent import futures
-from typing import Any, Callable
+from typing import Callable
 
 import ml_collections
 import numpy as np

@@ -27,8 +27,6 @@ class _DropFlaxDeprecation(logging.Filter):
     return "Flax classes are deprecated" not in record.getMessage()
 
 
-import diffusers  # noqa: E402
-
 for _name in ("attention_flax", "embeddings_flax", "resnet_flax", "vae_flax", "unets.unet_2d_blocks_flax",
               "unets.unet_2d_condition_flax", "modeling_flax_utils"):
   logging.getLogger(f"diffusers.models.{_name}").addFilter(_DropFlaxDeprecation())

@@ -471,9 +471,6 @@ class _MetricWriter:
     with self._writer.as_default():
       self._tf.summary.image(name, image[None], step=step)
 
-  def flush(self) -> None:
-    self._writer.flush()
-
 
 def _metric_writer(workdir: Path) -> _MetricWriter:
   return _MetricWriter(workdir)

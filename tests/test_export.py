@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import ml_collections
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file

@@ -1,6 +1,5 @@
 """Frozen parts against PyTorch: CLIP text encoder, VAE; loader errors."""
 
-import json
 import shutil
 
 import numpy as np

@@ -159,7 +159,6 @@ def test_nan_loss_stops_naming_the_step_and_is_not_saved(reference, tfds_dir, tm
 
 
 def test_latent_cache_holds_the_frozen_encoders_outputs_and_trains(tfds_dir, tmp_path):
-  import functools
   from mre_jax import input_pipeline, latent_cache, pretrained
   cache = str(tmp_path / "cache")
   train.precompute_latents(_config(tfds_dir, **{"data.latent_cache": cache}), str(tmp_path / "encoders"))
