@@ -1,7 +1,7 @@
 """Prints s/step and images/s of the U-Net training step in JAX and in PyTorch, and their ratio.
 
   PYTHONPATH=. python benchmarks/train_step.py [--steps=N] [--batch=4] [--size=32] \
-      [--configs=tiny,320ch-768ctx] [--seconds=15]
+      [--configs=tiny,320ch-768ctx] [--seconds=15] [--xla_flags=...] [--no-compare_xla_defaults]
 
 What is timed is the U-Net + optimiser part of a training step, on precomputed inputs (no VAE,
 no CLIP): noisy latents and image latents concatenated to [B, 8, size, size], timesteps,
@@ -14,6 +14,21 @@ dropout on) in both frameworks.
   (optax clip_by_global_norm + adamw), one `jax.jit` program with the state (params, optimiser
   state) donated. Compile time is printed separately (ahead-of-time `lower().compile()`); the
   matmul precision is JAX's default (float32 on CPU), nothing lower.
+- XLA flags: by default the JAX step runs with `--xla_cpu_experimental_ynn_fusion_type=
+  -individual_convolution` added to $XLA_FLAGS (a user-settable flag, same float32 math). It
+  routes convolutions to XLA's Eigen kernels instead of YNNPACK, whose convolution gradients are
+  ~2x slower here (a 640-channel 3x3 conv at 4x32x32, forward + both gradients: 0.94 s with YNNPACK,
+  0.44 s with Eigen, 0.39 s in PyTorch/oneDNN). The row `jax[xla defaults]` times the same step with
+  $XLA_FLAGS alone, in a child process (XLA reads its flags once per process). Flags tried that gave
+  no consistent gain on the 2-core Xeon this was written on: --xla_cpu_use_onednn=true (no effect on
+  these convolutions), --xla_cpu_use_xnnpack=false, --xla_cpu_experimental_xnn_graph_fusion_mode=
+  XNN_GRAPH_FUSION_MODE_GREEDY, --xla_cpu_experimental_ynn_fusion_type=...,+eltwise (slower),
+  --xla_cpu_use_fusion_emitters=false, --xla_cpu_prefer_vector_width=512; oneDNN dot fusions
+  (--xla_cpu_experimental_onednn_fusion_type=dot) fail to compile. Fast-math flags are not used.
+  What flags cannot fix: diffusers' Flax attention materialises the [B*heads, 1024, 1024] scores
+  (~0.5 s per 32x32 self-attention layer, forward + backward) where PyTorch runs flash attention
+  (~0.13 s); there are three such layers, and they are ~80% of the tiny config's JAX step (whose
+  scores are as large as the 320-channel config's: 8 heads over 1024 tokens).
 - PyTorch: `torch_twin.MRERewardUNet` (diffusers' UNet2DConditionModel + reward modules) holding
   the SAME weights (`export.unet_state_dict` of the JAX params, loaded strictly),
   `torch.optim.AdamW` (its default CPU implementation), `clip_grad_norm_(1.0)`, with
@@ -27,13 +42,40 @@ The last line is `speedup_vs_pytorch=<PyTorch s/step / JAX s/step>` for 320ch-76
 """
 import argparse
 import functools
+import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 
 import numpy as np
+
+# XLA:CPU flag set by default (see the module docstring); --xla_flags="" runs with XLA's defaults.
+TUNED_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def _parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps", type=int, default=0,
+                      help="timed steps per run (default: as many as fit in --seconds)")
+  parser.add_argument("--batch", type=int, default=4, help="images per step")
+  parser.add_argument("--size", type=int, default=32, help="latent side (pixels / 8)")
+  parser.add_argument("--seconds", type=float, default=15.0, help="target length of each timed run")
+  parser.add_argument("--configs", default="tiny,320ch-768ctx", help="comma-separated: tiny, 320ch-768ctx")
+  parser.add_argument("--xla_flags", default=TUNED_XLA_FLAGS,
+                      help="XLA flags added to $XLA_FLAGS for the JAX step ('' = XLA's defaults)")
+  parser.add_argument("--compare_xla_defaults", action=argparse.BooleanOptionalAction, default=True,
+                      help="also time the JAX step with $XLA_FLAGS alone, in a child process")
+  parser.add_argument("--jax_only", action="store_true", help=argparse.SUPPRESS)  # the child process
+  return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # XLA reads its flags once, when jax starts its CPU backend
+  ARGS = _parse_args()
+  ENV_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = " ".join(f for f in (ENV_XLA_FLAGS, ARGS.xla_flags) if f)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
@@ -132,12 +174,12 @@ def bench_torch(cfg, host_params, x, args):
   twin = torch_twin.MRERewardUNet.from_config(cfg.to_diffusers())
   twin.load_state_dict({k: torch.from_numpy(v) for k, v in export.unet_state_dict(host_params).items()}, strict=True)
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-  sample = torch.cat([nchw(x["noisy"]), nchw(x["cond"])], 1)  # concatenated inside the step below
   noisy, cond, noise = nchw(x["noisy"]), nchw(x["cond"]), nchw(x["noise"])
   t = torch.from_numpy(x["timesteps"].astype(np.int64))
   context, scores, embeds = (torch.from_numpy(x[k]) for k in ("context", "scores", "reward_embeds"))
   with torch.no_grad():
-    check = float(torch.nn.functional.mse_loss(twin.eval()(sample, t, context, scores, embeds).sample, noise))
+    out = twin.eval()(torch.cat([noisy, cond], 1), t, context, scores, embeds).sample
+    check = float(torch.nn.functional.mse_loss(out, noise))
 
   twin.train()
   opt = torch.optim.AdamW(twin.parameters(), lr=OPTIM["lr"], betas=(OPTIM["b1"], OPTIM["b2"]), eps=OPTIM["eps"],
@@ -165,21 +207,32 @@ def bench_torch(cfg, host_params, x, args):
 # ----------------------------------------------------------------------------- main
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps", type=int, default=0,
-                      help="timed steps per run (default: as many as fit in --seconds)")
-  parser.add_argument("--batch", type=int, default=4, help="images per step")
-  parser.add_argument("--size", type=int, default=32, help="latent side (pixels / 8)")
-  parser.add_argument("--seconds", type=float, default=15.0, help="target length of each timed run")
-  parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {list(CONFIGS)}")
-  args = parser.parse_args()
+def _jax_in_child(name, args):
+  """JAX s/step of config `name` with $XLA_FLAGS as it was given (no --xla_flags), in a new process."""
+  env = {**os.environ, "XLA_FLAGS": ENV_XLA_FLAGS}
+  cmd = [sys.executable, os.path.abspath(__file__), "--jax_only", f"--configs={name}", f"--batch={args.batch}",
+         f"--size={args.size}", f"--seconds={args.seconds}", f"--steps={args.steps}", "--xla_flags="]
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  if done.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(args):
+  if args.jax_only:
+    cfg = CONFIGS[args.configs]
+    host_params = models.init_unet_params(models.RewardUNet(cfg, reward=True), seed=0)
+    jax_s, compile_s, n, _, _ = bench_jax(cfg, host_params, _inputs(cfg, args.batch, args.size), args)
+    print(json.dumps({"s": jax_s, "compile_s": compile_s, "steps": n}))
+    return
 
   torch.set_num_threads(os.cpu_count())
   print(f"machine: {os.cpu_count()} cpus, {_cpu_model()}; load average {os.getloadavg()[0]:.2f}")
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {jax.device_count()} device, default matmul "
-        f"precision, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); torch {torch.__version__} "
-        f"(torch.set_num_threads(os.cpu_count()) -> {torch.get_num_threads()} threads)")
+        f"precision); torch {torch.__version__} (torch.set_num_threads(os.cpu_count()) -> "
+        f"{torch.get_num_threads()} threads)")
+  print(f"XLA_FLAGS: jax={os.environ['XLA_FLAGS']!r}" + (f", jax[xla defaults]={ENV_XLA_FLAGS!r}"
+                                                         if args.compare_xla_defaults else ""))
   print(f"U-Net training step: batch {args.batch}, {args.size}x{args.size} latents, float32, "
         f"MSE + clip 1.0 + AdamW, {WARMUP_STEPS} warm-up steps", flush=True)
 
@@ -191,21 +244,27 @@ def main():
     count = sum(int(np.size(p)) for p in jax.tree_util.tree_leaves(host_params))
     x = _inputs(cfg, args.batch, args.size)
     jax_s, compile_s, jax_n, jax_check, jax_loss = bench_jax(cfg, host_params, x, args)
+    default = _jax_in_child(name, args) if args.compare_xla_defaults else None
     torch_s, torch_n, torch_check, torch_loss = bench_torch(cfg, host_params, x, args)
     ratio = torch_s / jax_s
-    print(f"{name}: {count / 1e6:.1f}M params; JAX compile {compile_s:.1f} s; forward check (dropout off) loss "
-          f"jax {jax_check:.6f} torch {torch_check:.6f}; timed steps jax {jax_n} torch {torch_n}; "
-          f"last training loss jax {jax_loss:.4f} torch {torch_loss:.4f}", flush=True)
-    rows.append((name, "jax", jax_s, args.batch / jax_s, ""))
-    rows.append((name, "pytorch", torch_s, args.batch / torch_s, f"{ratio:.2f}x"))
+    print(f"{name}: {count / 1e6:.1f}M params; JAX compile {compile_s:.1f} s"
+          + (f" ({default['compile_s']:.1f} s with XLA defaults)" if default else "")
+          + f"; forward check (dropout off) loss jax {jax_check:.6f} torch {torch_check:.6f}; timed steps jax "
+          f"{jax_n}{'/' + str(default['steps']) if default else ''} torch {torch_n}; last training loss "
+          f"jax {jax_loss:.4f} torch {torch_loss:.4f}", flush=True)
+    rows.append((name, "jax", jax_s, f"{ratio:.2f}x"))
+    if default:
+      rows.append((name, "jax[xla defaults]", default["s"], f"{torch_s / default['s']:.2f}x"))
+    rows.append((name, "pytorch", torch_s, ""))
     if name == "320ch-768ctx":
       speedup = ratio
 
-  print(f"{'config':14s} {'framework':9s} {'s/step':>9s} {'images/s':>9s} {'speedup (torch/jax)':>20s}")
-  for name, framework, s, ips, ratio in rows:
-    print(f"{name:14s} {framework:9s} {s:9.4f} {ips:9.2f} {ratio:>20s}")
+  print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+  print(f"{'config':14s} {'framework':17s} {'s/step':>9s} {'images/s':>9s} {'speedup vs pytorch':>19s}")
+  for name, framework, s, ratio in rows:
+    print(f"{name:14s} {framework:17s} {s:9.4f} {args.batch / s:9.2f} {ratio:>19s}")
   print(f"speedup_vs_pytorch={speedup:.2f}" if speedup is not None else "speedup_vs_pytorch=nan")
 
 
 if __name__ == "__main__":
-  main()
+  main(ARGS)
