@@ -128,6 +128,57 @@ def _torch_gelu(x):
 # there, so that module sees a linen namespace with the PyTorch behaviour.
 _attention.nn = types.SimpleNamespace(**{**vars(nn), "GroupNorm": _torch_groupnorm, "gelu": _torch_gelu})
 
+# Attention kernels: "auto" picks cuDNN flash attention for self-attention on a GPU in
+# bfloat16/float16 (where the [B*heads, T, T] scores are large) and the plain XLA math
+# (diffusers' own) everywhere else; "cudnn" forces flash attention for all attention layers.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_ATTENTION = [os.environ.get("MRE_JAX_ATTENTION", "auto")]
+
+
+def set_attention(implementation: str) -> None:
+  """Chooses the U-Net attention kernel for programs traced from now on (env: MRE_JAX_ATTENTION)."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+  _ATTENTION[0] = implementation
+
+
+def attention_implementation(dtype: Any, self_attention: bool = True) -> str:
+  """The kernel the setting resolves to for compute dtype `dtype`."""
+  chosen = _ATTENTION[0]
+  if chosen not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"MRE_JAX_ATTENTION={chosen!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+  if chosen == "auto":
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and self_attention and jax.default_backend() == "gpu" else "xla"
+  return chosen
+
+
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v per head: q [B, T, heads*d], k and v [B, S, heads*d] -> [B, T, heads*d]."""
+  (b, t, width), s = q.shape, k.shape[1]
+  d = width // heads
+  if attention_implementation(q.dtype, self_attention=s == t) == "cudnn":
+    split = lambda x, n: x.reshape(b, n, heads, d)
+    out = jax.nn.dot_product_attention(split(q, t), split(k, s), split(v, s), scale=d**-0.5,
+                                       implementation="cudnn")
+    return out.reshape(b, t, width)
+  to_batch = lambda x, n: x.reshape(b, n, heads, d).transpose(0, 2, 1, 3).reshape(b * heads, n, d)
+  scores = jnp.einsum("bid,bjd->bij", to_batch(q, t), to_batch(k, s)) * d**-0.5
+  out = jnp.einsum("bij,bjd->bid", nn.softmax(scores, axis=2), to_batch(v, s))
+  return out.reshape(b, heads, t, d).transpose(0, 2, 1, 3).reshape(b, t, width)
+
+
+class _Attention(_attention.FlaxAttention):
+  """diffusers' FlaxAttention (same parameters) with the kernel of `multi_head_attention`."""
+
+  def __call__(self, hidden_states, context=None, deterministic=True):
+    context = hidden_states if context is None else context
+    out = multi_head_attention(self.query(hidden_states), self.key(context), self.value(context), self.heads)
+    return self.dropout_layer(self.proj_attn(out), deterministic=deterministic)
+
+
+_attention.FlaxAttention = _Attention  # what FlaxBasicTransformerBlock builds its attn1 / attn2 from
+
 
 def make_unet_blocks(cfg, *, dtype: Any, remat: bool) -> tuple[list, nn.Module, list]:
   """diffusers' Flax SD U-Net blocks for `cfg` (a `models.UNetConfig`): down, mid, up.

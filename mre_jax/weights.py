@@ -158,15 +158,15 @@ def init_like_torch(shapes: Any, seed: int) -> dict:
   for path, leaf in flat.items():
     shape, parent, name = tuple(leaf.shape), path[:-1], path[-1]
     if name == "embedding":
-      out[path] = rng.standard_normal(shape)
+      out[path] = rng.standard_normal(shape, dtype=np.float32)
     elif name == "scale" or (name == "bias" and parent + ("scale",) in flat):
-      out[path] = np.ones(shape) if name == "scale" else np.zeros(shape)
+      out[path] = np.ones(shape, np.float32) if name == "scale" else np.zeros(shape, np.float32)
     else:
       kernel = flat.get(parent + ("kernel",), leaf)
       fan_in = int(np.prod(kernel.shape[:-1]))
-      bound = 1.0 / np.sqrt(max(fan_in, 1))
-      out[path] = rng.uniform(-bound, bound, shape)
-  return traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in out.items()})
+      bound = np.float32(1.0 / np.sqrt(max(fan_in, 1)))
+      out[path] = (rng.random(shape, dtype=np.float32) * 2 - 1) * bound  # float32 draws: SD-size in seconds
+  return traverse_util.unflatten_dict(out)
 
 
 def _unfreeze(tree: Any) -> dict:

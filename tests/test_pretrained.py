@@ -126,3 +126,33 @@ def test_bin_weights_are_read_without_unpickling_code(tiny_folder, tmp_path):
   torch.save({"x": Evil()}, folder / "pytorch_model.bin")
   with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
     pretrained.load_text_encoder(tmp_path / "m")
+
+
+def test_attention_kernel_matches_torch_sdpa_for_self_and_cross_attention(rng):
+  import torch
+  heads, d = 4, 8
+  for t, s in ((16, 16), (16, 7)):  # self-attention, cross-attention over 7 context tokens
+    q, k, v = (rng.standard_normal((2, n, heads * d)).astype(np.float32) for n in (t, s, s))
+    out = np.asarray(pretrained.multi_head_attention(q, k, v, heads))
+    split = lambda x: torch.from_numpy(x).reshape(2, -1, heads, d).transpose(1, 2)
+    want = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    np.testing.assert_allclose(out, want.transpose(1, 2).reshape(2, t, heads * d).numpy(), atol=1e-5)
+
+
+def test_attention_setting_reaches_the_unet_and_auto_is_xla_on_cpu(monkeypatch):
+  import jax
+  import jax.numpy as jnp
+  from mre_jax import models, tiny
+  assert pretrained.attention_implementation(jnp.bfloat16) == "xla"  # cuDNN only on a GPU
+  with pytest.raises(ValueError, match="expected one of"):
+    pretrained.set_attention("flash")
+  model = models.RewardUNet(tiny.UNET)
+  params = models.init_unet_params(model, 0)
+  args = (jnp.zeros((1, 8, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 77, 32)), jnp.zeros((1, 3)), jnp.zeros((1, 32)))
+  calls = []
+  real = pretrained.multi_head_attention
+  monkeypatch.setattr(pretrained, "multi_head_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+  jax.eval_shape(lambda p: model.apply({"params": p}, *args), params)
+  # tiny.UNET: transformer blocks 1 down and 2 up at 8x8 (width 32), 1 in the mid block at 4x4
+  # (width 64); each has a self- and a cross-attention
+  assert sorted(calls) == [(1, 16, 64)] * 2 + [(1, 64, 32)] * 6
