@@ -103,6 +103,16 @@ def _mean_seconds(fn, least_calls, least_seconds):
   return (time.perf_counter() - start) / calls, calls
 
 
+def _flops(lowered) -> float:
+  """XLA's FLOP count of a lowered (unoptimised) program; NaN where the backend gives none."""
+  try:
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+  except Exception:  # the cost API differs across JAX versions and backends
+    return float("nan")
+
+
 def _peak(device) -> float | None:
   return next((v for k, v in PEAK_BF16.items() if k in device.device_kind), None)
 
@@ -179,7 +189,7 @@ def run_train(batch: int, remat: bool, attention: str, args) -> dict:
   fwd = jax.jit(lambda p, x, t, c, s, e: unet.apply({"params": p}, x, t, c, s, e)).lower(
       params, jnp.zeros((batch, size, size, 8), jnp.float32), jnp.zeros((batch,), jnp.int32), batch_data["context"],
       batch_data["scores"], batch_data["reward_embeds"])
-  fwd_flops = float((fwd.cost_analysis() or {}).get("flops", float("nan")))
+  fwd_flops = _flops(fwd)
   pretrained.set_attention(attention)
 
   step_fn = jax.jit(functools.partial(train.train_step, unet=unet, frozen=frozen, tx=tx,
