@@ -26,6 +26,9 @@ Runs (each in its own child process, so one that fails or runs out of memory cos
 ATTN is the U-Net attention kernel (`pretrained.set_attention`): auto (cuDNN flash attention
 on a GPU in bfloat16), xla (diffusers' [B*heads, T, S] score matrices) or cudnn.
 
+`--report=FILE` prints a results file as tables, filling in MFU where the device gave no FLOP count
+(counting FLOPs needs only the program, so any machine can do it).
+
 Runs go in the order given, and a run is not started once --budget seconds have passed. If an
 `auto` run fails, it is run again with xla attention, and so are the `auto` runs after it.
 One JSON line per run goes to --out.
@@ -67,6 +70,7 @@ def _parse_args(argv=None):
   parser.add_argument("--out", default="", help="append one JSON line per run here")
   parser.add_argument("--tiny", action="store_true", help="tiny models (a CPU dry run)")
   parser.add_argument("--limit_gib", type=float, default=0.0, help="memory limit (default: the device's)")
+  parser.add_argument("--report", default="", help="print a table of a results file (adds missing MFU)")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
@@ -103,14 +107,30 @@ def _mean_seconds(fn, least_calls, least_seconds):
   return (time.perf_counter() - start) / calls, calls
 
 
-def _flops(lowered) -> float:
-  """XLA's FLOP count of a lowered (unoptimised) program; NaN where the backend gives none."""
+def unet_forward_flops(unet, params, batch: int, latent: int) -> float:
+  """XLA's FLOP count of one U-Net forward at [batch, latent, latent, 8] (NaN if unavailable).
+
+  Counted on the unoptimised program lowered for the CPU (the GPU backend gives no count for a
+  lowered program), with XLA attention, so that no FLOPs hide in a cuDNN custom call.
+  """
+  import jax
+  import jax.numpy as jnp
+  from mre_jax import pretrained
+  d = unet.config.cross_attention_dim
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  previous = pretrained._ATTENTION[0]
+  pretrained.set_attention("xla")
   try:
-    cost = lowered.cost_analysis()
+    fn = jax.jit(lambda p, x, t, c, s, e: unet.apply({"params": p}, x, t, c, s, e))
+    traced = fn.trace(jax.tree_util.tree_map(lambda x: spec(*x.shape), params), spec(batch, latent, latent, 8),
+                      jax.ShapeDtypeStruct((batch,), jnp.int32), spec(batch, 77, d), spec(batch, 3), spec(batch, d))
+    cost = traced.lower(lowering_platforms=("cpu",)).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
-  except Exception:  # the cost API differs across JAX versions and backends
+  except Exception:  # the cost API differs across JAX versions
     return float("nan")
+  finally:
+    pretrained.set_attention(previous)
 
 
 def _peak(device) -> float | None:
@@ -184,13 +204,7 @@ def run_train(batch: int, remat: bool, attention: str, args) -> dict:
                     scores=jnp.asarray(r.uniform(0, 5, (batch, 3)).astype(np.float32)))
   rng = jax.random.PRNGKey(0)
 
-  # Model FLOPs: 3 x the U-Net forward (XLA attention, so that no FLOPs hide in a custom call).
-  pretrained.set_attention("xla")
-  fwd = jax.jit(lambda p, x, t, c, s, e: unet.apply({"params": p}, x, t, c, s, e)).lower(
-      params, jnp.zeros((batch, size, size, 8), jnp.float32), jnp.zeros((batch,), jnp.int32), batch_data["context"],
-      batch_data["scores"], batch_data["reward_embeds"])
-  fwd_flops = _flops(fwd)
-  pretrained.set_attention(attention)
+  fwd_flops = unet_forward_flops(unet, params, batch, size)
 
   step_fn = jax.jit(functools.partial(train.train_step, unet=unet, frozen=frozen, tx=tx,
                                       schedule=diffusion.make_schedule(), config=config), donate_argnums=0)
@@ -279,8 +293,38 @@ def child(spec: str, args) -> dict:
   return dict(spec=spec, device=jax.devices()[0].device_kind, jax=jax.__version__, **out)
 
 
+def report(path: str, tiny_models: bool) -> None:
+  """Markdown tables of a results file; MFU missing from a run is filled in from this machine's count."""
+  import jax.numpy as jnp
+  from mre_jax import models
+  results = [json.loads(line) for line in open(path) if line.strip()]
+  unet = models.RewardUNet(_configs(tiny_models)[0], reward=True, dtype=jnp.bfloat16)
+  shapes = None
+  print("| run | device | batch | remat | attention | compile s | s/step | images/s | model TFLOP/s | MFU |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  for r in results:
+    if r.get("run") != "train" or not r.get("fits"):
+      continue
+    if r.get("mfu") is None or r["mfu"] != r["mfu"]:  # missing or NaN
+      shapes = shapes or models.unet_param_shapes(unet)
+      flops = 3 * unet_forward_flops(unet, shapes, r["batch"], r["latent"])
+      r["tflops_per_s"] = round(flops / r["step_s"] / 1e12, 1)
+      r["mfu"] = round(flops / r["step_s"] / (r["peak_tflops"] * 1e12), 3) if r.get("peak_tflops") else None
+    print(f"| {r['spec']} | {r['device']} | {r['batch']} | {r['remat']} | {r['attention_resolved']} | "
+          f"{r['compile_s']} | {r['step_s']} | {r['images_per_s']} | {r['tflops_per_s']} | {r['mfu']} |")
+  print("\n| run | device | batch | size | steps | attention | compile s | s/call | s/edit | finite |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  for r in results:
+    if r.get("run") == "edit":
+      print(f"| {r['spec']} | {r['device']} | {r['batch']} | {r['size']} | {r['steps']} | {r['attention_resolved']} | "
+            f"{r['compile_s']} | {r['s_per_call']} | {r['s_per_edit']} | {r['finite']} |")
+
+
 def main(args) -> None:
   LIMIT_GIB[0] = args.limit_gib
+  if args.report:
+    report(args.report, args.tiny)
+    return
   if args.child:
     print("RESULT " + json.dumps(child(args.child, args)), flush=True)
     return
