@@ -139,6 +139,30 @@ def test_attention_kernel_matches_torch_sdpa_for_self_and_cross_attention(rng):
     np.testing.assert_allclose(out, want.transpose(1, 2).reshape(2, t, heads * d).numpy(), atol=1e-5)
 
 
+
+@pytest.mark.parametrize("t, s", [(32, 32), (32, 24)])
+def test_blocked_attention_and_its_gradients_match_torch_sdpa(rng, monkeypatch, t, s):
+  import jax
+  import jax.numpy as jnp
+  monkeypatch.setattr(pretrained, "_BLOCKED_MIN_TOKENS", 1)  # the CPU kernel for these small shapes,
+  monkeypatch.setattr(pretrained, "_BLOCK_SCORES", 2 * 8 * s)  # in blocks of 8 query rows
+  b, heads, d = 2, 3, 8
+  q, k, v = (rng.standard_normal((b, n, heads * d)).astype(np.float32) for n in (t, s, s))
+  d_out = rng.standard_normal((b, t, heads * d)).astype(np.float32)
+  out, vjp = jax.vjp(lambda *a: pretrained.multi_head_attention(*a, heads), q, k, v)
+  grads = jax.jit(vjp)(jnp.asarray(d_out))
+  split = lambda x: torch.from_numpy(x).reshape(b, -1, heads, d).transpose(1, 2).requires_grad_()
+  tq, tk, tv = split(q), split(k), split(v)
+  want = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv).transpose(1, 2).reshape(b, t, heads * d)
+  want.backward(torch.from_numpy(d_out))
+  np.testing.assert_allclose(out, want.detach().numpy(), atol=1e-5)
+  for got, x in zip(grads, (tq, tk, tv)):
+    np.testing.assert_allclose(got, x.grad.transpose(1, 2).reshape(got.shape).numpy(), atol=1e-5)
+  # bfloat16 inputs: float32 softmax inside, bfloat16 out
+  half = pretrained.multi_head_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), heads)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(half, np.float32), out, atol=0.05)
+
 def test_attention_setting_reaches_the_unet_and_auto_is_xla_on_cpu(monkeypatch):
   import jax
   import jax.numpy as jnp
