@@ -25,10 +25,12 @@ dropout on) in both frameworks.
   XNN_GRAPH_FUSION_MODE_GREEDY, --xla_cpu_experimental_ynn_fusion_type=...,+eltwise (slower),
   --xla_cpu_use_fusion_emitters=false, --xla_cpu_prefer_vector_width=512; oneDNN dot fusions
   (--xla_cpu_experimental_onednn_fusion_type=dot) fail to compile. Fast-math flags are not used.
-  What flags cannot fix: diffusers' Flax attention materialises the [B*heads, 1024, 1024] scores
-  (~0.5 s per 32x32 self-attention layer, forward + backward) where PyTorch runs flash attention
-  (~0.13 s); there are three such layers, and they are ~80% of the tiny config's JAX step (whose
-  scores are as large as the 320-channel config's: 8 heads over 1024 tokens).
+  Attention: diffusers' Flax attention materialises the [B*heads, 1024, 1024] scores (~0.5 s per
+  32x32 self-attention layer, forward + backward, where PyTorch's flash attention takes ~0.14 s);
+  `pretrained.multi_head_attention` now runs a blocked custom-VJP kernel on the CPU for such
+  layers (~0.2 s), which took this benchmark from 0.74x to 0.85x. There are three such layers;
+  they dominate the tiny config's JAX step (its scores are as large as the 320-channel config's:
+  8 heads over 1024 tokens).
 - PyTorch: `torch_twin.MRERewardUNet` (diffusers' UNet2DConditionModel + reward modules) holding
   the SAME weights (`export.unet_state_dict` of the JAX params, loaded strictly),
   `torch.optim.AdamW` (its default CPU implementation), `clip_grad_norm_(1.0)`, with
