@@ -190,11 +190,15 @@ def output_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
 
 
 def prepare_image(image: Image.Image, resolution: int) -> np.ndarray:
-  """Any PIL image -> float32 [H, W, 3] in [-1, 1] at `working_size` (RGB, Lanczos)."""
+  """Any PIL image -> float32 [H, W, 3] in [-1, 1] at `working_size` (RGB).
+
+  Fitted as the release's evaluation fits it (`ImageOps.fit`, Lanczos): where rounding to
+  multiples of 64 changes the aspect ratio, the image is centre-cropped, not stretched.
+  """
   rgb = to_rgb(image)
   size = working_size(rgb.size, resolution)
   if rgb.size != size:
-    rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    rgb = ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS)
   return np.asarray(rgb, np.float32) / 127.5 - 1.0
 
 

@@ -54,6 +54,17 @@ def test_working_and_output_sizes():
   assert edit.output_size((300, 700), 512) == (512, 1195)
 
 
+def test_prepare_image_crops_to_the_rounded_aspect_ratio_instead_of_stretching():
+  # 120x50 -> working size 128x64 (aspect 2.4 -> 2): a fit cuts ~8 columns off each side
+  array = np.zeros((50, 120, 3), np.uint8)
+  array[:, :5] = (255, 0, 0)  # red edge columns, blue elsewhere
+  array[:, 5:] = (0, 0, 255)
+  pixels = edit.prepare_image(Image.fromarray(array), 64)
+  assert pixels.shape == (64, 128, 3)
+  left = (pixels[:, :2] + 1) * 127.5
+  assert left[..., 0].max() < 40 and left[..., 2].min() > 200  # no red left: cropped, not squeezed in
+
+
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16", "1"])
 def test_prepare_image_any_mode(mode):
   image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)).convert(mode)
