@@ -87,11 +87,6 @@ def _configs(tiny_models: bool):
   return unet_cfg, vae_cfg, text_cfg
 
 
-def _init(shapes, seed):
-  from mre_jax import weights
-  return weights.init_like_torch(shapes, seed)
-
-
 def _tokenizer(tmp):
   from pathlib import Path
   from mre_jax import pretrained, tiny
@@ -118,8 +113,7 @@ def unet_forward_flops(unet, params, batch: int, latent: int) -> float:
   from mre_jax import pretrained
   d = unet.config.cross_attention_dim
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  previous = pretrained._ATTENTION[0]
-  pretrained.set_attention("xla")
+  previous = pretrained.set_attention("xla")
   try:
     fn = jax.jit(lambda p, x, t, c, s, e: unet.apply({"params": p}, x, t, c, s, e))
     traced = fn.trace(jax.tree_util.tree_map(lambda x: spec(*x.shape), params), spec(batch, latent, latent, 8),
@@ -176,7 +170,7 @@ def run_train(batch: int, remat: bool, attention: str, args) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from configs import train as train_config
-  from mre_jax import diffusion, models, pretrained, train
+  from mre_jax import diffusion, models, pretrained, train, weights
   pretrained.set_attention(attention)
   size = (args.train_size or (64 if args.tiny else 256)) // 8
   unet_cfg, _, text_cfg = _configs(args.tiny)
@@ -186,13 +180,13 @@ def run_train(batch: int, remat: bool, attention: str, args) -> dict:
   text = pretrained.make_text_encoder(text_cfg, jnp.bfloat16)
   frozen = train.Frozen(vae=None, text_encoder=text, tokenizer=None, scaling_factor=0.18215)
   t0 = time.perf_counter()
-  host = _init(models.unet_param_shapes(unet), 0)
+  host = models.init_unet_params(unet, 0)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(host))
   tx = train.make_optimizer(config.optim)
   params, ema = jax.device_put(host), jax.device_put(host)
   del host
   state = train.TrainState(jnp.zeros((), jnp.int32), params, ema, jax.jit(tx.init)(params))
-  fparams = {"vae": {}, "text": jax.device_put(_init(pretrained.text_encoder_param_shapes(text), 1)),
+  fparams = {"vae": {}, "text": jax.device_put(weights.init_like_torch(pretrained.text_encoder_param_shapes(text), 1)),
              "empty_ids": np.zeros((1, 77), np.int32)}
   init_s = time.perf_counter() - t0
 
@@ -241,7 +235,7 @@ def run_edit(batch: int, attention: str, args) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from mre_jax import edit, export, models, pretrained, sampling
+  from mre_jax import edit, export, models, pretrained, weights
   pretrained.set_attention(attention)
   size = args.size or (64 if args.tiny else 512)
   unet_cfg, vae_cfg, text_cfg = _configs(args.tiny)
@@ -252,9 +246,9 @@ def run_edit(batch: int, attention: str, args) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     tokenizer = _tokenizer(tmp)
   editor = edit.Editor(
-      unet, jax.device_put(_init(models.unet_param_shapes(unet), 0)), vae,
-      jax.device_put(_init(pretrained.vae_param_shapes(vae), 1)), 0.18215, text,
-      jax.device_put(_init(pretrained.text_encoder_param_shapes(text), 2)), tokenizer, export.SCHEDULER_CONFIG,
+      unet, jax.device_put(models.init_unet_params(unet, 0)), vae,
+      jax.device_put(weights.init_like_torch(pretrained.vae_param_shapes(vae), 1)), 0.18215, text,
+      jax.device_put(weights.init_like_torch(pretrained.text_encoder_param_shapes(text), 2)), tokenizer, export.SCHEDULER_CONFIG,
       "random SD 1.5")
   init_s = time.perf_counter() - t0
   r = np.random.default_rng(0)

@@ -137,11 +137,15 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 _ATTENTION = [os.environ.get("MRE_JAX_ATTENTION", "auto")]
 
 
-def set_attention(implementation: str) -> None:
-  """Chooses the U-Net attention kernel for programs traced from now on (env: MRE_JAX_ATTENTION)."""
+def set_attention(implementation: str) -> str:
+  """Chooses the U-Net attention kernel for programs traced from now on (env: MRE_JAX_ATTENTION).
+
+  Returns the previous setting, so that a caller can restore it.
+  """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
-  _ATTENTION[0] = implementation
+  previous, _ATTENTION[0] = _ATTENTION[0], implementation
+  return previous
 
 
 def attention_implementation(dtype: Any, self_attention: bool = True) -> str:

@@ -262,7 +262,7 @@ BATCH_KEYS = ("original", "edited", "instruction_ids", "reward_ids", "scores")
 
 def make_data_iterator(config, frozen: Frozen, workdir: Path):
   """(checkpointable iterator of this process's batches, sample-grid batch or None)."""
-  from mre_jax import input_pipeline, latent_cache
+  from mre_jax import input_pipeline
   data = config.data
   if data.latent_cache:  # precomputed encoder outputs: no images, so no sample grids
     ds = input_pipeline.create_dataset(
