@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mre_jax import pretrained, weights
+from mre_jax import conv, pretrained, weights
 
 SCORE_EMBED_DIM = 256  # width of each score's sinusoidal embedding (release: 256)
 REWARD_HEADS = 8  # heads of the MRC cross-attention (release: 8)
@@ -191,8 +191,8 @@ class _DealProj(nn.Module):
 
   def setup(self):
     self.norm = nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=self.dtype)
-    self.proj_in = nn.Conv(self.channels, (1, 1), dtype=self.dtype)
-    self.proj_out = nn.Conv(self.channels, (1, 1), dtype=self.dtype)
+    self.proj_in = conv.Conv(self.channels, (1, 1), dtype=self.dtype)
+    self.proj_out = conv.Conv(self.channels, (1, 1), dtype=self.dtype)
 
   def to_tokens(self, h: jax.Array) -> jax.Array:
     z = self.proj_in(self.norm(h))
@@ -222,13 +222,13 @@ class RewardUNet(nn.Module):
   def setup(self):
     cfg = self.config
     width = cfg.block_out_channels[0]
-    self.conv_in = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)
+    self.conv_in = conv.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)
     self.time_proj = _Timesteps(width, cfg.flip_sin_to_cos, cfg.freq_shift)
     self.time_embedding = _TimestepEmbedding(cfg.time_embed_dim, self.dtype)
     self.down_blocks, self.mid_block, self.up_blocks = pretrained.make_unet_blocks(
         cfg, dtype=self.dtype, remat=self.remat)
     self.conv_norm_out = nn.GroupNorm(num_groups=32, epsilon=1e-5)
-    self.conv_out = nn.Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)
+    self.conv_out = conv.Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)
     if self.reward:
       self.add_time_proj = _Timesteps(SCORE_EMBED_DIM, cfg.flip_sin_to_cos, cfg.freq_shift)
       self.add_embedding = _TimestepEmbedding(cfg.time_embed_dim, self.dtype)
