@@ -14,22 +14,29 @@ dropout on) in both frameworks.
   (optax clip_by_global_norm + adamw), one `jax.jit` program with the state (params, optimiser
   state) donated. Compile time is printed separately (ahead-of-time `lower().compile()`); the
   matmul precision is JAX's default (float32 on CPU), nothing lower.
+- Convolutions: on a CPU, `conv.Conv` (the U-Net's convolution module) runs the wide float32 3x3
+  convolutions as Winograd F(4x4, 3x3) matmuls and 1x1 convolutions as matmuls
+  (`MRE_JAX_CONV=auto`, the default; see mre_jax/conv.py). This took the 320ch step from 0.83x
+  to 0.95x PyTorch's speed; `MRE_JAX_CONV=xla` times XLA's own convolutions.
 - XLA flags: by default the JAX step runs with `--xla_cpu_experimental_ynn_fusion_type=
   -individual_convolution` added to $XLA_FLAGS (a user-settable flag, same float32 math). It
-  routes convolutions to XLA's Eigen kernels instead of YNNPACK, whose convolution gradients are
-  ~2x slower here (a 640-channel 3x3 conv at 4x32x32, forward + both gradients: 0.94 s with YNNPACK,
-  0.44 s with Eigen, 0.39 s in PyTorch/oneDNN). The row `jax[xla defaults]` times the same step with
-  $XLA_FLAGS alone, in a child process (XLA reads its flags once per process). Flags tried that gave
-  no consistent gain on the 2-core Xeon this was written on: --xla_cpu_use_onednn=true (no effect on
-  these convolutions), --xla_cpu_use_xnnpack=false, --xla_cpu_experimental_xnn_graph_fusion_mode=
-  XNN_GRAPH_FUSION_MODE_GREEDY, --xla_cpu_experimental_ynn_fusion_type=...,+eltwise (slower),
-  --xla_cpu_use_fusion_emitters=false, --xla_cpu_prefer_vector_width=512; oneDNN dot fusions
-  (--xla_cpu_experimental_onednn_fusion_type=dot) fail to compile. Fast-math flags are not used.
+  routes the convolutions left to XLA to its Eigen kernels instead of YNNPACK, whose convolution
+  gradients are ~2x slower here (a 640-channel 3x3 conv at 4x32x32, forward + both gradients:
+  0.94 s with YNNPACK, 0.44 s with Eigen, 0.39 s in PyTorch/oneDNN). With Winograd doing the wide
+  3x3 convolutions, the flag no longer changes the 320ch step. The row `jax[xla defaults]` times
+  the same step with $XLA_FLAGS alone, in a child process (XLA reads its flags once per process).
+  Flags tried that gave no consistent gain on the 2-core Xeon this was written on:
+  --xla_cpu_use_onednn=true and --xla_cpu_experimental_onednn_custom_call=true (no effect: this
+  jaxlib has no oneDNN convolutions), --xla_cpu_use_xnnpack=false,
+  --xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY,
+  --xla_cpu_experimental_ynn_fusion_type=...,+eltwise (slower), --xla_cpu_use_fusion_emitters=false,
+  --xla_cpu_prefer_vector_width=512; oneDNN dot fusions (--xla_cpu_experimental_onednn_fusion_type=
+  dot) fail to compile. Fast-math flags are not used.
   Attention: diffusers' Flax attention materialises the [B*heads, 1024, 1024] scores (~0.5 s per
   32x32 self-attention layer, forward + backward, where PyTorch's flash attention takes ~0.14 s);
-  `pretrained.multi_head_attention` now runs a blocked custom-VJP kernel on the CPU for such
-  layers (~0.2 s), which took this benchmark from 0.74x to 0.85x. There are three such layers;
-  they dominate the tiny config's JAX step (its scores are as large as the 320-channel config's:
+  `pretrained.multi_head_attention` runs a blocked custom-VJP kernel on the CPU for such layers
+  (~0.2 s), which took this benchmark from 0.74x to 0.85x. There are three such layers; they
+  dominate the tiny config's JAX step (its scores are as large as the 320-channel config's:
   8 heads over 1024 tokens).
 - PyTorch: `torch_twin.MRERewardUNet` (diffusers' UNet2DConditionModel + reward modules) holding
   the SAME weights (`export.unet_state_dict` of the JAX params, loaded strictly),

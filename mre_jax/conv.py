@@ -32,9 +32,10 @@ import numpy as np
 
 CONV_IMPLEMENTATIONS = ("auto", "xla", "winograd")
 _CONV = [os.environ.get("MRE_JAX_CONV", "auto")]
-# Measured on a 2-core Xeon (float32): F(4x4, 3x3) beat XLA's direct convolution from 256
-# channels up (e.g. 3x32x32x320: 17 vs 28 ms; 1x64x64x512: 69 vs 90 ms) and lost at 128
-# (1x256x256x128: 138 vs 108 ms).
+# Measured on a 2-core Xeon (float32), one convolution alone: F(4x4, 3x3) beat XLA's direct
+# convolution from 256 channels up (3x32x32x320: 17.5 vs 31.5 ms, PyTorch 20.1; 1x64x64x512: 69
+# vs 90 ms) and lost at 128 (1x256x256x128: 152 vs 109 ms). At 16x16 it lost alone (3x16x16x640:
+# 51 vs 34 ms) but won inside the U-Net, forward (1.30 vs 1.34 s per call) and more so backward.
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_SIDE = 16
 
@@ -123,7 +124,7 @@ def _kind(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimensi
       or dimension_numbers != lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))):
     return "xla"
   pads = padding if isinstance(padding, str) else tuple(map(tuple, padding))
-  (n, h, w, c), (kh, kw, _, o) = lhs.shape, rhs.shape
+  (_, h, w, c), (kh, kw, _, o) = lhs.shape, rhs.shape
   if (kh, kw) == (1, 1) and pads in ("VALID", "SAME", ((0, 0), (0, 0))):
     return "matmul"
   if (kh, kw) != (3, 3) or pads not in ("SAME", ((1, 1), (1, 1))):
