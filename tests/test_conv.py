@@ -98,3 +98,34 @@ def test_unet_and_vae_blocks_build_their_convolutions_from_conv_module(setting):
   image = jax.ShapeDtypeStruct((1, 3, 16, 16), jnp.float32)  # diffusers' Flax VAE takes NCHW
   downsamplers = len(tiny.VAE["block_out_channels"]) - 1
   assert _conv_ops(lambda p, x: vae.apply({"params": p}, x), pretrained.vae_param_shapes(vae), image) == downsamplers
+
+
+def test_winograd_conv_under_data_and_fsdp_sharding_matches_one_device():
+  # 8 simulated devices need a fresh process (XLA reads its flags once)
+  import os
+  import subprocess
+  import sys
+  code = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from mre_jax import conv
+r = np.random.default_rng(0)
+x = r.standard_normal((8, 12, 12, 16)).astype(np.float32)
+k = r.standard_normal((3, 3, 16, 8)).astype(np.float32)
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+ks = jax.device_put(k, NamedSharding(mesh, P(None, None, None, "fsdp")))
+loss = lambda x, k: jnp.sum(jnp.sin(conv.winograd_conv3x3(x, k)))
+got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(xs, ks)
+one = jax.devices()[0]
+want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(jax.device_put(x, one), jax.device_put(k, one))
+assert all(len(a.sharding.device_set) == 8 for a in jax.tree.leaves(got))
+for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(b).max())
+print("devices", jax.device_count(), "ok")
+"""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": root}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "devices 8 ok" in out.stdout
