@@ -1,5 +1,9 @@
 """Convolution kernels (mre_jax/conv.py) against PyTorch's conv2d, and their routing."""
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -102,9 +106,6 @@ def test_unet_and_vae_blocks_build_their_convolutions_from_conv_module(setting):
 
 def test_winograd_conv_under_data_and_fsdp_sharding_matches_one_device():
   # 8 simulated devices need a fresh process (XLA reads its flags once)
-  import os
-  import subprocess
-  import sys
   code = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
