@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mre_jax import conv, models, tiny
+from mre_jax import conv, models, pretrained, tiny
 
 torch = pytest.importorskip("torch")
 
@@ -88,7 +88,6 @@ def test_auto_rewrites_only_wide_float32_convolutions_on_cpu(setting):
 
 
 def test_unet_and_vae_blocks_build_their_convolutions_from_conv_module(setting):
-  from mre_jax import pretrained
   model = models.RewardUNet(tiny.UNET)
   params = models.unet_param_shapes(model)
   args = (jnp.zeros((1, 8, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 77, 32)), jnp.zeros((1, 3)), jnp.zeros((1, 32)))

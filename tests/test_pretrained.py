@@ -129,7 +129,6 @@ def test_bin_weights_are_read_without_unpickling_code(tiny_folder, tmp_path):
 
 
 def test_attention_kernel_matches_torch_sdpa_for_self_and_cross_attention(rng):
-  import torch
   heads, d = 4, 8
   for t, s in ((16, 16), (16, 7)):  # self-attention, cross-attention over 7 context tokens
     q, k, v = (rng.standard_normal((2, n, heads * d)).astype(np.float32) for n in (t, s, s))
@@ -137,7 +136,6 @@ def test_attention_kernel_matches_torch_sdpa_for_self_and_cross_attention(rng):
     split = lambda x: torch.from_numpy(x).reshape(2, -1, heads, d).transpose(1, 2)
     want = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
     np.testing.assert_allclose(out, want.transpose(1, 2).reshape(2, t, heads * d).numpy(), atol=1e-5)
-
 
 
 @pytest.mark.parametrize("t, s", [(32, 32), (32, 24)])
@@ -163,6 +161,7 @@ def test_blocked_attention_and_its_gradients_match_torch_sdpa(rng, monkeypatch, 
   assert half.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(half, np.float32), out, atol=0.05)
 
+
 def test_attention_setting_reaches_the_unet_and_auto_is_xla_on_cpu(monkeypatch):
   import jax
   import jax.numpy as jnp
@@ -171,7 +170,7 @@ def test_attention_setting_reaches_the_unet_and_auto_is_xla_on_cpu(monkeypatch):
   with pytest.raises(ValueError, match="expected one of"):
     pretrained.set_attention("flash")
   model = models.RewardUNet(tiny.UNET)
-  params = models.init_unet_params(model, 0)
+  params = models.unet_param_shapes(model)  # shapes suffice: the U-Net is only traced
   args = (jnp.zeros((1, 8, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 77, 32)), jnp.zeros((1, 3)), jnp.zeros((1, 32)))
   calls = []
   real = pretrained.multi_head_attention
