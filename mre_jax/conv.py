@@ -73,16 +73,24 @@ def _combine(matrix: np.ndarray, parts: list) -> list:
   return [sum(float(c) * p for c, p in zip(row, parts) if c) for row in matrix]
 
 
+def _separate(x: jax.Array) -> jax.Array:
+  """Materialises the first pass of a separable tile transform.
+
+  Fused into one loop, XLA:CPU would recompute the first pass's sums in each of the 36 (or 16)
+  outputs of the second; materialising them made the input transform 2-3x faster forward and
+  ~10x faster in its gradient (4x32x32x640: 2.9 vs 43 ms) on the 2-core Xeon above.
+  """
+  return lax.optimization_barrier(x)
+
+
 def _input_tiles(x: jax.Array, tiles_h: int, tiles_w: int) -> jax.Array:
   """x [N, H, W, C] (zero-padded by 1, and up to whole tiles) -> B^T d B per tile: [36, N*th*tw, C]."""
   n, h, w, c = x.shape
   x = jnp.pad(x, ((0, 0), (1, _OUT * tiles_h + 1 - h), (1, _OUT * tiles_w + 1 - w), (0, 0)))
   rows = [lax.slice_in_dim(x, i, i + _OUT * (tiles_h - 1) + 1, stride=_OUT, axis=1) for i in range(_TILE)]
-  out = []
-  for r in _combine(_BT, rows):  # r [N, th, W + 2, C]
-    cols = [lax.slice_in_dim(r, j, j + _OUT * (tiles_w - 1) + 1, stride=_OUT, axis=2) for j in range(_TILE)]
-    out += _combine(_BT, cols)
-  return jnp.stack(out).reshape(_TILE * _TILE, n * tiles_h * tiles_w, c)
+  r = _separate(jnp.stack(_combine(_BT, rows)))  # B^T along H: [6, N, th, W + 2, C]
+  cols = [lax.slice_in_dim(r, j, j + _OUT * (tiles_w - 1) + 1, stride=_OUT, axis=3) for j in range(_TILE)]
+  return jnp.stack(_combine(_BT, cols), axis=1).reshape(_TILE * _TILE, n * tiles_h * tiles_w, c)
 
 
 def _kernel_tiles(kernel: jax.Array) -> jax.Array:
@@ -95,9 +103,9 @@ def _kernel_tiles(kernel: jax.Array) -> jax.Array:
 def _output_tiles(m: jax.Array, n: int, tiles_h: int, tiles_w: int) -> jax.Array:
   """m [36, N*th*tw, O] -> A^T m A per tile, laid out as [N, 4*th, 4*tw, O]."""
   m = m.reshape(_TILE, _TILE, n, tiles_h, tiles_w, m.shape[-1])
-  rows = [_combine(_AT, [r[j] for j in range(_TILE)]) for r in _combine(_AT, [m[i] for i in range(_TILE)])]
-  y = jnp.stack([jnp.stack(row, axis=3) for row in rows], axis=2)  # [N, th, 4, tw, 4, O]
-  return y.reshape(n, tiles_h * _OUT, tiles_w * _OUT, -1)
+  r = _separate(jnp.stack(_combine(_AT, [m[i] for i in range(_TILE)])))  # A^T along H: [4, 6, N, th, tw, O]
+  y = jnp.stack(_combine(_AT, [r[:, j] for j in range(_TILE)]), axis=4)  # [4, N, th, tw, 4, O]
+  return jnp.transpose(y, (1, 2, 0, 3, 4, 5)).reshape(n, tiles_h * _OUT, tiles_w * _OUT, -1)
 
 
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
