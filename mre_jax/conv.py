@@ -5,8 +5,9 @@ through `conv_general_dilated` below. The setting (env `MRE_JAX_CONV`, or `set_c
 
 - "auto" (default): on a CPU backend, float32 3x3 convolutions with stride 1, padding 1, at least
   `WINOGRAD_MIN_SIDE` pixels a side and `WINOGRAD_MIN_CHANNELS` channels in and out run as
-  Winograd F(4x4, 3x3), and 1x1 convolutions with stride 1 run as a matmul. Everything else
-  (any GPU/TPU convolution, strided, small or low-precision ones) is `lax.conv_general_dilated`.
+  Winograd F(4x4, 3x3), and 1x1 convolutions with stride 1 run as a matmul (`dense.matmul`).
+  Everything else (any GPU/TPU convolution, strided, small or low-precision ones) is
+  `lax.conv_general_dilated`.
 - "winograd": the same rewrites on any backend and for any channel count and size (for tests);
 - "xla": never rewrite.
 
@@ -29,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
+
+from mre_jax import dense
 
 CONV_IMPLEMENTATIONS = ("auto", "xla", "winograd")
 _CONV = [os.environ.get("MRE_JAX_CONV", "auto")]
@@ -151,7 +154,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if kind == "winograd":
     return winograd_conv3x3(lhs, rhs, precision)
   if kind == "matmul":
-    return jnp.dot(lhs, rhs[0, 0], precision=precision)
+    return dense.matmul(lhs, rhs[0, 0], precision=precision)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                   dimension_numbers, feature_group_count, batch_group_count,
                                   precision=precision, preferred_element_type=preferred_element_type)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mre_jax import conv, pretrained, weights
+from mre_jax import conv, dense, pretrained, weights
 
 SCORE_EMBED_DIM = 256  # width of each score's sinusoidal embedding (release: 256)
 REWARD_HEADS = 8  # heads of the MRC cross-attention (release: 8)
@@ -110,8 +110,8 @@ class _TimestepEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(x)
-    return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
+    x = dense.Dense(self.dim, dtype=self.dtype, name="linear_1")(x)
+    return dense.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
 
 
 class _DenseAddNorm(nn.Module):
@@ -122,7 +122,7 @@ class _DenseAddNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, residual: jax.Array, deterministic: bool) -> jax.Array:
-    x = nn.Dense(residual.shape[-1], dtype=self.dtype, name="dense")(x)
+    x = dense.Dense(residual.shape[-1], dtype=self.dtype, name="dense")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     return nn.LayerNorm(epsilon=1e-12, dtype=self.dtype, name="LayerNorm")(x + residual)
 
@@ -139,9 +139,9 @@ class _RewardAttention(nn.Module):
     width = q.shape[-1]
     head_dim = width // self.heads
     split = lambda x: x.reshape(x.shape[:2] + (self.heads, head_dim))
-    query = split(nn.Dense(width, dtype=self.dtype, name="query")(q))
-    key = split(nn.Dense(width, dtype=self.dtype, name="key")(kv))
-    value = split(nn.Dense(width, dtype=self.dtype, name="value")(kv))
+    query = split(dense.Dense(width, dtype=self.dtype, name="query")(q))
+    key = split(dense.Dense(width, dtype=self.dtype, name="key")(kv))
+    value = split(dense.Dense(width, dtype=self.dtype, name="value")(kv))
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(head_dim)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
@@ -165,7 +165,7 @@ class _Intermediate(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.gelu(nn.Dense(x.shape[-1], dtype=self.dtype, name="dense")(x), approximate=False)
+    return nn.gelu(dense.Dense(x.shape[-1], dtype=self.dtype, name="dense")(x), approximate=False)
 
 
 class RewardCrossAttentionLayer(nn.Module):
@@ -233,8 +233,8 @@ class RewardUNet(nn.Module):
       self.add_time_proj = _Timesteps(SCORE_EMBED_DIM, cfg.flip_sin_to_cos, cfg.freq_shift)
       self.add_embedding = _TimestepEmbedding(cfg.time_embed_dim, self.dtype)
       self.add_embedding2 = _TimestepEmbedding(width, self.dtype)
-      self.text_linear = nn.Dense(width, dtype=self.dtype)
-      self.text_linear2 = nn.Dense(cfg.time_embed_dim, dtype=self.dtype)
+      self.text_linear = dense.Dense(width, dtype=self.dtype)
+      self.text_linear2 = dense.Dense(cfg.time_embed_dim, dtype=self.dtype)
       self.proj_deal = _DealProj(width, self.dtype)
       self.ca = RewardCrossAttentionLayer(REWARD_HEADS, self.reward_dropout, self.dtype)
 

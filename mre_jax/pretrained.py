@@ -45,7 +45,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer  # noqa: E402
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule  # noqa: E402
 from transformers.models.clip.tokenization_clip import bytes_to_unicode  # noqa: E402
 
-from mre_jax import conv, weights  # noqa: E402
+from mre_jax import conv, dense, weights  # noqa: E402
 
 MAX_TOKENS = 77
 VAE_ALIASES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
@@ -129,10 +129,11 @@ def _torch_gelu(x):
 # diffusers 0.39's Flax transformer blocks differ from their PyTorch twins in two constants
 # (1e-4 relative error on SD-width U-Nets). GroupNorm and gelu appear in attention_flax only
 # there, so that module sees a linen namespace with the PyTorch behaviour. All blocks build
-# their convolutions from `conv.Conv` (same parameters; faster kernels on a CPU, see conv.py).
+# their convolutions from `conv.Conv` and dense layers from `dense.Dense` (same parameters;
+# faster kernels on a CPU, see conv.py and dense.py).
 _attention.nn = types.SimpleNamespace(**{**vars(nn), "GroupNorm": _torch_groupnorm, "gelu": _torch_gelu,
-                                         "Conv": conv.Conv})
-_resnet.nn = _vae.nn = types.SimpleNamespace(**{**vars(nn), "Conv": conv.Conv})
+                                         "Conv": conv.Conv, "Dense": dense.Dense})
+_resnet.nn = _vae.nn = types.SimpleNamespace(**{**vars(nn), "Conv": conv.Conv, "Dense": dense.Dense})
 
 # Attention kernels: "auto" picks cuDNN flash attention for self-attention on a GPU in
 # bfloat16/float16 (where the [B*heads, T, T] scores are large) and XLA math everywhere else:
