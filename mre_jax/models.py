@@ -165,7 +165,7 @@ class _Intermediate(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.gelu(dense.Dense(x.shape[-1], dtype=self.dtype, name="dense")(x), approximate=False)
+    return pretrained.gelu(dense.Dense(x.shape[-1], dtype=self.dtype, name="dense")(x))
 
 
 class RewardCrossAttentionLayer(nn.Module):

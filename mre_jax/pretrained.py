@@ -122,8 +122,13 @@ def _torch_groupnorm(num_groups, epsilon):
   return nn.GroupNorm(num_groups=num_groups, epsilon=1e-6)
 
 
-def _torch_gelu(x):
-  return nn.gelu(x, approximate=False)  # attention_flax's GEGLU uses the tanh form; PyTorch's is exact
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU in PyTorch's form, x/2 (1 + erf(x/sqrt(2))) (attention_flax's GEGLU uses the tanh form).
+
+  Same function as `nn.gelu(x, approximate=False)`, whose erfc form XLA:CPU runs 2x slower
+  (forward + backward on [4096, 1280]: 24 vs 13 ms); absolute difference ~1e-6 at |x| ~ 10.
+  """
+  return 0.5 * x * (1 + lax.erf(x * 0.5**0.5))
 
 
 # diffusers 0.39's Flax transformer blocks differ from their PyTorch twins in two constants
@@ -131,7 +136,7 @@ def _torch_gelu(x):
 # there, so that module sees a linen namespace with the PyTorch behaviour. All blocks build
 # their convolutions from `conv.Conv` and dense layers from `dense.Dense` (same parameters;
 # faster kernels on a CPU, see conv.py and dense.py).
-_attention.nn = types.SimpleNamespace(**{**vars(nn), "GroupNorm": _torch_groupnorm, "gelu": _torch_gelu,
+_attention.nn = types.SimpleNamespace(**{**vars(nn), "GroupNorm": _torch_groupnorm, "gelu": gelu,
                                          "Conv": conv.Conv, "Dense": dense.Dense})
 _resnet.nn = _vae.nn = types.SimpleNamespace(**{**vars(nn), "Conv": conv.Conv, "Dense": dense.Dense})
 
