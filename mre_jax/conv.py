@@ -12,12 +12,13 @@ through `conv_general_dilated` below. The setting (env `MRE_JAX_CONV`, or `set_c
 - "xla": never rewrite.
 
 Why: on the U-Net's shapes XLA:CPU's direct 3x3 convolutions run at about 150 GFLOP/s on a
-2-core Xeon, where its matmuls reach about 200 and PyTorch's oneDNN convolutions about 270. Winograd F(4x4, 3x3) (Lavin & Gray, 2016) turns a 3x3
-convolution into 36 independent [tiles, C] x [C, O] matmuls with 4x fewer multiplications,
-plus cheap linear transforms of input tiles, weights and output tiles. Everything is linear
-jnp code, so gradients come from JAX's autodiff and are Winograd-shaped too. The float32
-error relative to the direct convolution is ~2e-5 of the output's scale (the transforms'
-constants reach 8); half precision would amplify that, hence float32 only in "auto".
+2-core Xeon, where its matmuls reach about 200 and PyTorch's oneDNN convolutions about 270.
+Winograd F(4x4, 3x3) (Lavin & Gray, 2016) turns a 3x3 convolution into 36 independent
+[tiles, C] x [C, O] matmuls with 4x fewer multiplications, plus cheap linear transforms of
+input tiles, weights and output tiles. Everything is linear jnp code, so gradients come from
+JAX's autodiff and are Winograd-shaped too. The float32 error relative to the direct
+convolution is ~2e-5 of the output's scale (the transforms' constants reach 8); half precision
+would amplify that, hence float32 only in "auto".
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ _CONV = [os.environ.get("MRE_JAX_CONV", "auto")]
 # convolution from 256 channels up (3x32x32x320: 17.5 vs 31.5 ms, PyTorch 20.1; 1x64x64x512: 69
 # vs 90 ms) and lost at 128 (1x256x256x128: 152 vs 109 ms). At 16x16 it lost alone (3x16x16x640:
 # 51 vs 34 ms) but won inside the U-Net, forward (1.30 vs 1.34 s per call) and more so backward.
+# Those figures predate the two-pass tile transforms (`_separate`); with them, forward alone:
+# 3x32x32x192 5.6 vs 11.4 ms, 3x32x32x128 3.7 vs 3.8, 1x256x256x128 104 vs 86, 3x16x16x320 5.3
+# vs 7.4; forward + both gradients won at every width from 32 channels at 32 px and up (1.5-3.9x) and
+# lost at 8 px. The thresholds were not re-tuned.
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_SIDE = 16
 
