@@ -45,7 +45,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer  # noqa: E402
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule  # noqa: E402
 from transformers.models.clip.tokenization_clip import bytes_to_unicode  # noqa: E402
 
-from mre_jax import conv, dense, weights  # noqa: E402
+from mre_jax import conv, cpu_attention, dense, weights  # noqa: E402
 
 MAX_TOKENS = 77
 VAE_ALIASES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
@@ -141,10 +141,11 @@ _attention.nn = types.SimpleNamespace(**{**vars(nn), "GroupNorm": _torch_groupno
 _resnet.nn = _vae.nn = types.SimpleNamespace(**{**vars(nn), "Conv": conv.Conv, "Dense": dense.Dense})
 
 # Attention kernels: "auto" picks cuDNN flash attention for self-attention on a GPU in
-# bfloat16/float16 (where the [B*heads, T, T] scores are large) and XLA math everywhere else:
-# on a CPU a blocked kernel for long sequences (below), diffusers' own math otherwise. "cudnn"
-# forces flash attention for all attention layers, "xla" never uses it.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# bfloat16/float16 (where the [B*heads, T, T] scores are large), the fused kernel of
+# cpu_attention.py on a CPU (where it builds), and XLA math everywhere else: on a CPU a blocked
+# kernel for long sequences (below), diffusers' own math otherwise. "cudnn" forces flash
+# attention for all attention layers, "cpu" the fused CPU kernel, "xla" XLA's ops only.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu")
 _ATTENTION = [os.environ.get("MRE_JAX_ATTENTION", "auto")]
 
 
@@ -160,13 +161,19 @@ def set_attention(implementation: str) -> str:
 
 
 def attention_implementation(dtype: Any, self_attention: bool = True) -> str:
-  """The kernel the setting resolves to for compute dtype `dtype`."""
+  """The kernel the setting resolves to for compute dtype `dtype` on the default backend."""
   chosen = _ATTENTION[0]
   if chosen not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"MRE_JAX_ATTENTION={chosen!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+  backend = jax.default_backend()
   if chosen == "auto":
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if half and self_attention and jax.default_backend() == "gpu" else "xla"
+    if backend == "gpu":
+      return "cudnn" if half and self_attention else "xla"
+    return "cpu" if backend == "cpu" and cpu_attention.available() else "xla"
+  if chosen == "cpu" and not (backend == "cpu" and cpu_attention.available()):
+    raise ValueError(f"MRE_JAX_ATTENTION=cpu: the fused CPU attention kernel is unavailable on backend "
+                     f"{backend!r} (it needs XLA:CPU and a C++ compiler; see mre_jax/cpu_attention.py)")
   return chosen
 
 
@@ -263,11 +270,15 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -
   """softmax(q k^T / sqrt(d)) v per head: q [B, T, heads*d], k and v [B, S, heads*d] -> [B, T, heads*d]."""
   (b, t, width), s = q.shape, k.shape[1]
   d = width // heads
-  if attention_implementation(q.dtype, self_attention=s == t) == "cudnn":
+  implementation = attention_implementation(q.dtype, self_attention=s == t)
+  if implementation == "cudnn":
     split = lambda x, n: x.reshape(b, n, heads, d)
     out = jax.nn.dot_product_attention(split(q, t), split(k, s), split(v, s), scale=d**-0.5,
                                        implementation="cudnn")
     return out.reshape(b, t, width)
+  if implementation == "cpu" and cpu_attention.supports(width, heads):
+    f32 = lambda x: x.astype(jnp.float32)  # float32 softmax, like the blocked kernel
+    return cpu_attention.attention(f32(q), f32(k), f32(v), heads).astype(q.dtype)
   if min(t, s) >= _BLOCKED_MIN_TOKENS and jax.default_backend() == "cpu":
     # heads lead (they are scanned), the batch stays a vectorised (shardable) axis; float32 softmax
     heads_first = lambda x, n: x.reshape(b, n, heads, d).transpose(2, 0, 1, 3).astype(jnp.float32)

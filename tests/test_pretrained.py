@@ -128,7 +128,9 @@ def test_bin_weights_are_read_without_unpickling_code(tiny_folder, tmp_path):
     pretrained.load_text_encoder(tmp_path / "m")
 
 
-def test_attention_kernel_matches_torch_sdpa_for_self_and_cross_attention(rng):
+@pytest.mark.parametrize("implementation", ["xla", "auto"])  # diffusers' math; the fused CPU kernel
+def test_attention_kernel_matches_torch_sdpa_for_self_and_cross_attention(rng, monkeypatch, implementation):
+  monkeypatch.setattr(pretrained, "_ATTENTION", [implementation])
   heads, d = 4, 8
   for t, s in ((16, 16), (16, 7)):  # self-attention, cross-attention over 7 context tokens
     q, k, v = (rng.standard_normal((2, n, heads * d)).astype(np.float32) for n in (t, s, s))
@@ -142,7 +144,8 @@ def test_attention_kernel_matches_torch_sdpa_for_self_and_cross_attention(rng):
 def test_blocked_attention_and_its_gradients_match_torch_sdpa(rng, monkeypatch, t, s):
   import jax
   import jax.numpy as jnp
-  monkeypatch.setattr(pretrained, "_BLOCKED_MIN_TOKENS", 1)  # the CPU kernel for these small shapes,
+  monkeypatch.setattr(pretrained, "_ATTENTION", ["xla"])  # XLA's ops, not the fused CPU kernel
+  monkeypatch.setattr(pretrained, "_BLOCKED_MIN_TOKENS", 1)  # the blocked kernel for these small shapes,
   monkeypatch.setattr(pretrained, "_BLOCK_SCORES", 2 * 8 * s)  # in blocks of 8 query rows
   b, heads, d = 2, 3, 8
   q, k, v = (rng.standard_normal((b, n, heads * d)).astype(np.float32) for n in (t, s, s))
@@ -162,11 +165,11 @@ def test_blocked_attention_and_its_gradients_match_torch_sdpa(rng, monkeypatch, 
   np.testing.assert_allclose(np.asarray(half, np.float32), out, atol=0.05)
 
 
-def test_attention_setting_reaches_the_unet_and_auto_is_xla_on_cpu(monkeypatch):
+def test_attention_setting_reaches_the_unet_and_cudnn_is_gpu_only(monkeypatch):
   import jax
   import jax.numpy as jnp
   from mre_jax import models, tiny
-  assert pretrained.attention_implementation(jnp.bfloat16) == "xla"  # cuDNN only on a GPU
+  assert pretrained.attention_implementation(jnp.bfloat16) in ("xla", "cpu")  # cuDNN only on a GPU
   with pytest.raises(ValueError, match="expected one of"):
     pretrained.set_attention("flash")
   model = models.RewardUNet(tiny.UNET)

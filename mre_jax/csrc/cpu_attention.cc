@@ -1,0 +1,372 @@
+// Fused multi-head attention for XLA:CPU, float32: softmax(q k^T * scale) v and its gradients.
+//
+// Built at run time by mre_jax/cpu_attention.py (g++ -O3 -march=native) and called through the
+// XLA FFI. Layouts are the projections' own: q [B, T, H*d], k and v [B, S, H*d]; the row
+// logsumexp of the scaled scores is [B, H, T]. Work items are (batch, head) pairs, spread over
+// XLA's intra-op thread pool. Per item, query rows go in blocks whose [rows, S] scores stay in
+// cache: forward = scores, exact row softmax, P v; backward recomputes P from the logsumexp.
+// Matrix products use one register-blocked kernel (GCC vector extensions: AVX-512 or AVX2,
+// whatever -march=native gives): C[M, 16*NV] (+)= A[M, K] B[K, 16*NV], A read through two
+// strides (so A may be a transposed view), B and C rows contiguous.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline vf Load(const float* p) {
+  vf x;
+  std::memcpy(&x, p, sizeof(vf));
+  return x;
+}
+
+inline void Store(float* p, vf x) { std::memcpy(p, &x, sizeof(vf)); }
+
+inline vf Splat(float x) { return x - vf{}; }  // x - (+0) is x exactly, so this folds to a broadcast
+
+// exp(x) for x <= ~88: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, times 2^n.
+// Relative error ~2e-7; results below 2^-126 flush to ~1e-38.
+inline vf Exp(vf x) {
+  x = x < -87.0f ? Splat(-87.0f) : x;
+  x = x > 88.0f ? Splat(88.0f) : x;
+  const vf magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf n = (x * 1.44269504088896341f + magic) - magic;
+  vf r = x - n * 0.693359375f;  // ln2 in two parts (Cody-Waite)
+  r = r - n * -2.12194440e-4f;
+  vf p = Splat(1.0f / 720);
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * (vf)bits;
+}
+
+inline float HorizontalMax(vf x) {
+  float m = x[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+inline float HorizontalSum(vf x) {
+  float s = 0;
+  for (int i = 0; i < kLanes; ++i) s += x[i];
+  return s;
+}
+
+// C[R, 16*NV] (+)= sum_k A(r, k) B[k, :], with A(r, k) = a[r*ars + k*aks].
+template <int R, int NV>
+inline void Tile(int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
+                 float* c, int64_t ldc, bool accumulate) {
+  vf acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int n = 0; n < NV; ++n) acc[r][n] = accumulate ? Load(c + r * ldc + n * kLanes) : vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    vf bk[NV];
+#pragma GCC unroll 16
+    for (int n = 0; n < NV; ++n) bk[n] = Load(b + k * ldb + n * kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const vf x = Splat(a[r * ars + k * aks]);
+#pragma GCC unroll 16
+      for (int n = 0; n < NV; ++n) acc[r][n] += x * bk[n];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int n = 0; n < NV; ++n) Store(c + r * ldc + n * kLanes, acc[r][n]);
+}
+
+// Rows per tile: about 24 accumulators, at most 12 rows.
+constexpr int RowsFor(int nv) { return std::min(12, std::max(1, 24 / nv)); }
+
+template <int NV>
+void GemmCols(int64_t M, int64_t K, const float* a, int64_t ars, int64_t aks, const float* b,
+              int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  constexpr int R = RowsFor(NV);
+  int64_t m = 0;
+  for (; m + R <= M; m += R) Tile<R, NV>(K, a + m * ars, ars, aks, b, ldb, c + m * ldc, ldc, accumulate);
+  for (; m < M; ++m) Tile<1, NV>(K, a + m * ars, ars, aks, b, ldb, c + m * ldc, ldc, accumulate);
+}
+
+// C[M, N] (+)= A[M, K] B[K, N]; N a multiple of 16. Wide outputs go in column blocks of 32.
+void Gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t aks, const float* b,
+          int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  const int64_t nv = N / kLanes;
+  switch (nv) {  // outputs up to 160 wide in one pass (each A element loaded once)
+#define MRE_CASE(V) \
+  case V:           \
+    return GemmCols<V>(M, K, a, ars, aks, b, ldb, c, ldc, accumulate);
+    MRE_CASE(1) MRE_CASE(2) MRE_CASE(3) MRE_CASE(4) MRE_CASE(5)
+    MRE_CASE(6) MRE_CASE(7) MRE_CASE(8) MRE_CASE(9) MRE_CASE(10)
+#undef MRE_CASE
+    default:
+      break;
+  }
+  int64_t n = 0;
+  for (; n + 2 * kLanes <= N; n += 2 * kLanes) GemmCols<2>(M, K, a, ars, aks, b + n, ldb, c + n, ldc, accumulate);
+  if (n < N) GemmCols<1>(M, K, a, ars, aks, b + n, ldb, c + n, ldc, accumulate);
+}
+
+inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct Dims {
+  int64_t batch, t, s, heads, d, sp, dp, rows;
+  float scale;
+
+  Dims(int64_t batch, int64_t t, int64_t s, int64_t heads, int64_t width, float scale)
+      : batch(batch), t(t), s(s), heads(heads), d(width / heads), sp(RoundUp(s, kLanes)),
+        dp(RoundUp(width / heads, kLanes)), scale(scale) {
+    // query rows per block: a multiple of 24 (whole tiles for every width), with the [rows, sp]
+    // scores (and their gradient) within ~256 KB
+    rows = std::max<int64_t>(24, std::min<int64_t>(96, (65536 / sp) / 24 * 24));
+  }
+  int64_t width() const { return heads * d; }
+};
+
+// Runs fn(i) for i in [0, n) on the caller and XLA's intra-op pool. Helpers that start after all
+// items are claimed return at once, and the caller waits only for claimed items, so a busy pool
+// cannot deadlock it.
+class ParallelFor {
+ public:
+  static void Run(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> fn) {
+    auto state = std::make_shared<ParallelFor>();
+    state->n_ = n;
+    state->fn_ = std::move(fn);
+    const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+    for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->Work(); });
+    state->Work();
+    std::unique_lock<std::mutex> lock(state->mu_);
+    state->cv_.wait(lock, [&] { return state->done_.load() == state->n_; });
+  }
+
+ private:
+  void Work() {
+    for (int64_t i; (i = next_.fetch_add(1)) < n_;) {
+      fn_(i);
+      if (done_.fetch_add(1) + 1 == n_) {
+        std::lock_guard<std::mutex> lock(mu_);
+        cv_.notify_all();
+      }
+    }
+  }
+
+  int64_t n_ = 0;
+  std::function<void(int64_t)> fn_;
+  std::atomic<int64_t> next_{0}, done_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+};
+
+// Per-thread work buffers, kept between calls (XLA's pool threads live as long as the process).
+float* Scratch(int slot, int64_t size) {
+  thread_local std::vector<float> buffers[10];
+  if (static_cast<int64_t>(buffers[slot].size()) < size) buffers[slot].resize(size);
+  return buffers[slot].data();
+}
+
+// dst[j, c] (stride ld) <- src[j, c] (row stride src_ld) for j < n, c < d; zero for d <= c < ld.
+void PackRows(const float* src, int64_t src_ld, int64_t n, int64_t d, float* dst, int64_t ld) {
+  for (int64_t j = 0; j < n; ++j) {
+    std::memcpy(dst + j * ld, src + j * src_ld, d * sizeof(float));
+    std::fill(dst + j * ld + d, dst + (j + 1) * ld, 0.0f);
+  }
+}
+
+// dst[c, j] (stride ld) <- src[j, c], j < n, c < d; zero for n <= j < ld.
+void PackTransposed(const float* src, int64_t src_ld, int64_t n, int64_t d, float* dst, int64_t ld) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < d; ++c) dst[c * ld + j] = src[j * src_ld + c];
+  for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + n, dst + (c + 1) * ld, 0.0f);
+}
+
+// Lanes of the last vector of a row that lie past s (the padding), as a mask of true lanes.
+inline vf TailKeep(int64_t s) {
+  vf keep;
+  for (int i = 0; i < kLanes; ++i) keep[i] = (s % kLanes == 0 || i < s % kLanes) ? 1.0f : 0.0f;
+  return keep;
+}
+
+// One row of scores (sp wide) -> unnormalised exp((x - max) * scale) in place; returns
+// (max * scale, sum). Padding columns become 0.
+inline std::pair<float, float> SoftmaxRow(float* x, const Dims& dm) {
+  const int64_t full = dm.s / kLanes * kLanes;
+  vf top = Splat(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < full; j += kLanes) {
+    const vf v = Load(x + j);
+    top = v > top ? v : top;
+  }
+  float m = HorizontalMax(top);
+  for (int64_t j = full; j < dm.s; ++j) m = std::max(m, x[j]);
+  const vf shift = Splat(m * dm.scale);
+  vf sum{};
+  for (int64_t j = 0; j < dm.sp; j += kLanes) {
+    vf p = Exp(Load(x + j) * dm.scale - shift);
+    if (j + kLanes > dm.s) p = p * TailKeep(dm.s);
+    Store(x + j, p);
+    sum += p;
+  }
+  return {m * dm.scale, HorizontalSum(sum)};
+}
+
+void ForwardItem(int64_t item, const Dims& dm, const float* q, const float* k, const float* v, float* out,
+                 float* lse) {
+  const int64_t b = item / dm.heads, h = item % dm.heads, w = dm.width();
+  const float* qb = q + b * dm.t * w + h * dm.d;
+  const float* kb = k + b * dm.s * w + h * dm.d;
+  const float* vb = v + b * dm.s * w + h * dm.d;
+  float *kt = Scratch(0, dm.d * dm.sp), *vp = Scratch(1, dm.sp * dm.dp), *scores = Scratch(2, dm.rows * dm.sp),
+        *o = Scratch(3, dm.rows * dm.dp);
+  PackTransposed(kb, w, dm.s, dm.d, kt, dm.sp);
+  PackRows(vb, w, dm.s, dm.d, vp, dm.dp);
+  std::fill(vp + dm.s * dm.dp, vp + dm.sp * dm.dp, 0.0f);  // padding keys: zero values
+  for (int64_t i0 = 0; i0 < dm.t; i0 += dm.rows) {
+    const int64_t rows = std::min(dm.rows, dm.t - i0);
+    Gemm(rows, dm.sp, dm.d, qb + i0 * w, w, 1, kt, dm.sp, scores, dm.sp, false);
+    float inv[96];
+    for (int64_t i = 0; i < rows; ++i) {
+      auto [shift, sum] = SoftmaxRow(scores + i * dm.sp, dm);
+      inv[i] = 1.0f / sum;
+      lse[(b * dm.heads + h) * dm.t + i0 + i] = shift + std::log(sum);
+    }
+    Gemm(rows, dm.dp, dm.sp, scores, dm.sp, 1, vp, dm.dp, o, dm.dp, false);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* dst = out + (b * dm.t + i0 + i) * w + h * dm.d;
+      for (int64_t c = 0; c < dm.d; ++c) dst[c] = o[i * dm.dp + c] * inv[i];
+    }
+  }
+}
+
+void BackwardItem(int64_t item, const Dims& dm, const float* q, const float* k, const float* v, const float* out,
+                  const float* lse, const float* d_out, float* dq, float* dk, float* dv) {
+  const int64_t b = item / dm.heads, h = item % dm.heads, w = dm.width(), off = h * dm.d;
+  const int64_t q0 = b * dm.t * w + off, k0 = b * dm.s * w + off;
+  float *kt = Scratch(0, dm.d * dm.sp), *vt = Scratch(1, dm.d * dm.sp), *kp = Scratch(2, dm.sp * dm.dp),
+        *dkp = Scratch(3, dm.sp * dm.dp), *dvp = Scratch(4, dm.sp * dm.dp), *qblk = Scratch(5, dm.rows * dm.dp),
+        *dblk = Scratch(6, dm.rows * dm.dp), *p = Scratch(7, dm.rows * dm.sp), *ds = Scratch(8, dm.rows * dm.sp),
+        *g = Scratch(9, dm.rows * dm.dp);
+  PackTransposed(k + k0, w, dm.s, dm.d, kt, dm.sp);
+  PackTransposed(v + k0, w, dm.s, dm.d, vt, dm.sp);
+  PackRows(k + k0, w, dm.s, dm.d, kp, dm.dp);
+  std::fill(kp + dm.s * dm.dp, kp + dm.sp * dm.dp, 0.0f);
+  const float* lse_bh = lse + (b * dm.heads + h) * dm.t;
+  for (int64_t i0 = 0; i0 < dm.t; i0 += dm.rows) {
+    const int64_t rows = std::min(dm.rows, dm.t - i0);
+    PackRows(q + q0 + i0 * w, w, rows, dm.d, qblk, dm.dp);
+    PackRows(d_out + q0 + i0 * w, w, rows, dm.d, dblk, dm.dp);
+    Gemm(rows, dm.sp, dm.d, qblk, dm.dp, 1, kt, dm.sp, p, dm.sp, false);
+    Gemm(rows, dm.sp, dm.d, dblk, dm.dp, 1, vt, dm.sp, ds, dm.sp, false);
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* o = out + q0 + (i0 + i) * w;
+      float delta = 0;  // rowsum(P * dP) = d_out . out
+      for (int64_t c = 0; c < dm.d; ++c) delta += dblk[i * dm.dp + c] * o[c];
+      const vf shift = Splat(lse_bh[i0 + i]), dv_shift = Splat(delta);
+      float* pr = p + i * dm.sp;
+      float* dr = ds + i * dm.sp;
+      for (int64_t j = 0; j < dm.sp; j += kLanes) {
+        vf pj = Exp(Load(pr + j) * dm.scale - shift);
+        if (j + kLanes > dm.s) pj = pj * TailKeep(dm.s);
+        Store(pr + j, pj);
+        Store(dr + j, pj * (Load(dr + j) - dv_shift));
+      }
+    }
+    // dq = dS k * scale
+    Gemm(rows, dm.dp, dm.sp, ds, dm.sp, 1, kp, dm.dp, g, dm.dp, false);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t c = 0; c < dm.d; ++c) dq[q0 + (i0 + i) * w + c] = g[i * dm.dp + c] * dm.scale;
+    // dv += P^T d_out, dk += dS^T q (A read transposed: row stride 1, k stride sp)
+    // (the first block writes them: no zeroing)
+    Gemm(dm.sp, dm.dp, rows, p, 1, dm.sp, dblk, dm.dp, dvp, dm.dp, i0 > 0);
+    Gemm(dm.sp, dm.dp, rows, ds, 1, dm.sp, qblk, dm.dp, dkp, dm.dp, i0 > 0);
+  }
+  for (int64_t j = 0; j < dm.s; ++j)
+    for (int64_t c = 0; c < dm.d; ++c) {
+      dk[k0 + j * w + c] = dkp[j * dm.dp + c] * dm.scale;
+      dv[k0 + j * w + c] = dvp[j * dm.dp + c];
+    }
+}
+
+ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v, int64_t heads) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3)
+    return ffi::Error::InvalidArgument("attention: q, k, v must be [batch, tokens, heads * head_dim]");
+  if (kd[0] != qd[0] || vd[0] != qd[0] || kd[1] != vd[1] || kd[2] != qd[2] || vd[2] != qd[2])
+    return ffi::Error::InvalidArgument("attention: q, k, v shapes do not match");
+  if (heads <= 0 || qd[2] % heads != 0) return ffi::Error::InvalidArgument("attention: width not divisible by heads");
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t heads, float scale) {
+  if (auto error = CheckShapes(q, k, v, heads); error.failure()) return error;
+  const auto qd = q.dimensions();
+  const Dims dm(qd[0], qd[1], k.dimensions()[1], heads, qd[2], scale);
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  float *op = out->typed_data(), *lp = lse->typed_data();
+  ParallelFor::Run(pool, dm.batch * dm.heads, [&](int64_t i) { ForwardItem(i, dm, qp, kp, vp, op, lp); });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                    int64_t heads, float scale) {
+  if (auto error = CheckShapes(q, k, v, heads); error.failure()) return error;
+  const auto qd = q.dimensions();
+  const Dims dm(qd[0], qd[1], k.dimensions()[1], heads, qd[2], scale);
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *op = out.typed_data(),
+              *lp = lse.typed_data(), *gp = d_out.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  ParallelFor::Run(pool, dm.batch * dm.heads,
+                   [&](int64_t i) { BackwardItem(i, dm, qp, kp, vp, op, lp, gp, dqp, dkp, dvp); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MreAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MreAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<float>("scale"));
