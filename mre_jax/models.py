@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mre_jax import conv, dense, pretrained, weights
+from mre_jax import conv, cpu_kernels, dense, pretrained, weights
 
 SCORE_EMBED_DIM = 256  # width of each score's sinusoidal embedding (release: 256)
 REWARD_HEADS = 8  # heads of the MRC cross-attention (release: 8)
@@ -190,7 +190,7 @@ class _DealProj(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.norm = nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=self.dtype)
+    self.norm = cpu_kernels.GroupNorm(num_groups=32, epsilon=1e-6, dtype=self.dtype)
     self.proj_in = conv.Conv(self.channels, (1, 1), dtype=self.dtype)
     self.proj_out = conv.Conv(self.channels, (1, 1), dtype=self.dtype)
 
@@ -227,7 +227,7 @@ class RewardUNet(nn.Module):
     self.time_embedding = _TimestepEmbedding(cfg.time_embed_dim, self.dtype)
     self.down_blocks, self.mid_block, self.up_blocks = pretrained.make_unet_blocks(
         cfg, dtype=self.dtype, remat=self.remat)
-    self.conv_norm_out = nn.GroupNorm(num_groups=32, epsilon=1e-5)
+    self.conv_norm_out = cpu_kernels.GroupNorm(num_groups=32, epsilon=1e-5)
     self.conv_out = conv.Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)
     if self.reward:
       self.add_time_proj = _Timesteps(SCORE_EMBED_DIM, cfg.flip_sin_to_cos, cfg.freq_shift)

@@ -45,7 +45,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer  # noqa: E402
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule  # noqa: E402
 from transformers.models.clip.tokenization_clip import bytes_to_unicode  # noqa: E402
 
-from mre_jax import conv, cpu_attention, dense, weights  # noqa: E402
+from mre_jax import conv, cpu_kernels, dense, weights  # noqa: E402
 
 MAX_TOKENS = 77
 VAE_ALIASES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
@@ -119,7 +119,7 @@ def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
 
 def _torch_groupnorm(num_groups, epsilon):
   del epsilon  # attention_flax says 1e-5 where PyTorch's Transformer2DModel uses 1e-6
-  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-6)
+  return cpu_kernels.GroupNorm(num_groups=num_groups, epsilon=1e-6)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -134,15 +134,16 @@ def gelu(x: jax.Array) -> jax.Array:
 # diffusers 0.39's Flax transformer blocks differ from their PyTorch twins in two constants
 # (1e-4 relative error on SD-width U-Nets). GroupNorm and gelu appear in attention_flax only
 # there, so that module sees a linen namespace with the PyTorch behaviour. All blocks build
-# their convolutions from `conv.Conv` and dense layers from `dense.Dense` (same parameters;
-# faster kernels on a CPU, see conv.py and dense.py).
+# their convolutions from `conv.Conv`, dense layers from `dense.Dense` and GroupNorms from
+# `cpu_kernels.GroupNorm` (same parameters; faster kernels on a CPU, see those modules).
 _attention.nn = types.SimpleNamespace(**{**vars(nn), "GroupNorm": _torch_groupnorm, "gelu": gelu,
                                          "Conv": conv.Conv, "Dense": dense.Dense})
-_resnet.nn = _vae.nn = types.SimpleNamespace(**{**vars(nn), "Conv": conv.Conv, "Dense": dense.Dense})
+_resnet.nn = _vae.nn = types.SimpleNamespace(**{**vars(nn), "Conv": conv.Conv, "Dense": dense.Dense,
+                                                "GroupNorm": cpu_kernels.GroupNorm})
 
 # Attention kernels: "auto" picks cuDNN flash attention for self-attention on a GPU in
 # bfloat16/float16 (where the [B*heads, T, T] scores are large), the fused kernel of
-# cpu_attention.py on a CPU (where it builds), and XLA math everywhere else: on a CPU a blocked
+# cpu_kernels.py on a CPU (where it builds), and XLA math everywhere else: on a CPU a blocked
 # kernel for long sequences (below), diffusers' own math otherwise. "cudnn" forces flash
 # attention for all attention layers, "cpu" the fused CPU kernel, "xla" XLA's ops only.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu")
@@ -170,10 +171,10 @@ def attention_implementation(dtype: Any, self_attention: bool = True) -> str:
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if backend == "gpu":
       return "cudnn" if half and self_attention else "xla"
-    return "cpu" if backend == "cpu" and cpu_attention.available() else "xla"
-  if chosen == "cpu" and not (backend == "cpu" and cpu_attention.available()):
+    return "cpu" if backend == "cpu" and cpu_kernels.available() else "xla"
+  if chosen == "cpu" and not (backend == "cpu" and cpu_kernels.available()):
     raise ValueError(f"MRE_JAX_ATTENTION=cpu: the fused CPU attention kernel is unavailable on backend "
-                     f"{backend!r} (it needs XLA:CPU and a C++ compiler; see mre_jax/cpu_attention.py)")
+                     f"{backend!r} (it needs XLA:CPU and a C++ compiler; see mre_jax/cpu_kernels.py)")
   return chosen
 
 
@@ -276,9 +277,9 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -
     out = jax.nn.dot_product_attention(split(q, t), split(k, s), split(v, s), scale=d**-0.5,
                                        implementation="cudnn")
     return out.reshape(b, t, width)
-  if implementation == "cpu" and cpu_attention.supports(width, heads):
+  if implementation == "cpu" and cpu_kernels.supports_attention(width, heads):
     f32 = lambda x: x.astype(jnp.float32)  # float32 softmax, like the blocked kernel
-    return cpu_attention.attention(f32(q), f32(k), f32(v), heads).astype(q.dtype)
+    return cpu_kernels.attention(f32(q), f32(k), f32(v), heads).astype(q.dtype)
   if min(t, s) >= _BLOCKED_MIN_TOKENS and jax.default_backend() == "cpu":
     # heads lead (they are scanned), the batch stays a vectorised (shardable) axis; float32 softmax
     heads_first = lambda x, n: x.reshape(b, n, heads, d).transpose(2, 0, 1, 3).astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""The fused CPU attention kernel (mre_jax/cpu_attention.py) against PyTorch's SDPA; its build."""
+"""The CPU kernels (mre_jax/cpu_kernels.py) against PyTorch: attention (SDPA), GroupNorm; their build."""
 
 import os
 import shutil
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mre_jax import cpu_attention, models, pretrained, tiny
+from mre_jax import cpu_kernels, models, pretrained, tiny
 
 torch = pytest.importorskip("torch")
 
@@ -38,11 +38,11 @@ def _sdpa(q, k, v, d_out, heads):
     (2, 17, 9, 1, 160),  # the widest head the kernel takes
 ])
 def test_fused_attention_and_its_gradients_match_torch_sdpa(rng, b, t, s, heads, d):
-  assert cpu_attention.available()
+  assert cpu_kernels.available()
   q, k, v = (rng.standard_normal((b, n, heads * d)).astype(np.float32) for n in (t, s, s))
   q *= 3  # peaked rows: the softmax's max subtraction matters
   d_out = rng.standard_normal((b, t, heads * d)).astype(np.float32)
-  out, vjp = jax.vjp(lambda *a: cpu_attention.attention(*a, heads), q, k, v)
+  out, vjp = jax.vjp(lambda *a: cpu_kernels.attention(*a, heads), q, k, v)
   grads = jax.jit(vjp)(jnp.asarray(d_out))
   want = _sdpa(q, k, v, d_out, heads)
   for got, ref in zip((out, *grads), want):
@@ -50,7 +50,7 @@ def test_fused_attention_and_its_gradients_match_torch_sdpa(rng, b, t, s, heads,
 
 
 @needs_kernel
-def test_auto_routes_every_unet_attention_through_the_fused_kernel_on_cpu(monkeypatch):
+def test_auto_routes_every_unet_attention_and_group_norm_through_the_kernels_on_cpu(monkeypatch):
   monkeypatch.setattr(pretrained, "_ATTENTION", ["auto"])
   assert pretrained.attention_implementation(jnp.float32) == "cpu"
   assert pretrained.attention_implementation(jnp.bfloat16) == "cpu"
@@ -61,20 +61,69 @@ def test_auto_routes_every_unet_attention_through_the_fused_kernel_on_cpu(monkey
   text = jax.jit(jax.grad(loss)).lower(params).as_text()
   # tiny.UNET: 4 transformer blocks, each with a self- and a cross-attention: 8 forward calls,
   # and their 8 backward calls
-  assert text.count(cpu_attention._TARGETS["forward"]) == 8
-  assert text.count(cpu_attention._TARGETS["backward"]) == 8
+  assert text.count("mre_cpu_attention_forward") == 8
+  assert text.count("mre_cpu_attention_backward") == 8
+  # every GroupNorm too (parameters with a scale, other than the LayerNorms)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  norms = [p for p in paths if p.endswith("['scale']") and "transformer_blocks" not in p and "LayerNorm" not in p]
+  assert len(norms) >= 10
+  assert text.count("mre_cpu_group_norm_forward") == len(norms)
+  assert text.count("mre_cpu_group_norm_backward") == len(norms)
   monkeypatch.setattr(pretrained, "_ATTENTION", ["xla"])
-  assert cpu_attention._TARGETS["forward"] not in jax.jit(loss).lower(params).as_text()
+  assert "mre_cpu_attention_forward" not in jax.jit(loss).lower(params).as_text()
 
 
 @needs_kernel
 def test_heads_wider_than_the_kernel_fall_back_to_xla(monkeypatch, rng):
   monkeypatch.setattr(pretrained, "_ATTENTION", ["cpu"])
-  d = cpu_attention.MAX_HEAD_DIM + 16
+  d = cpu_kernels.MAX_HEAD_DIM + 16
   q = rng.standard_normal((1, 8, d)).astype(np.float32)
   text = jax.jit(lambda q: pretrained.multi_head_attention(q, q, q, 1)).lower(q).as_text()
-  assert cpu_attention._TARGETS["forward"] not in text
+  assert "mre_cpu_attention_forward" not in text
   np.testing.assert_allclose(pretrained.multi_head_attention(q, q, q, 1), _sdpa(q, q, q, q, 1)[0], atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, groups", [
+    ((4, 16, 16, 320), 32),  # 10 channels per group: groups straddle the 16-lane vectors
+    ((1, 7, 5, 48), 8),  # one example: the work splits over runs of groups
+    ((3, 9, 20), 4),  # rank 3 (tokens), channels not a multiple of 16
+])
+def test_group_norm_and_its_gradients_match_torch(rng, shape, groups):
+  assert cpu_kernels.available()
+  c = shape[-1]
+  x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)  # an offset: the centring matters
+  scale, bias = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
+  dy = rng.standard_normal(shape).astype(np.float32)
+  out, vjp = jax.vjp(lambda *a: cpu_kernels.group_norm(*a, groups, 1e-5), x, scale, bias)
+  grads = jax.jit(vjp)(jnp.asarray(dy))
+  ref = torch.nn.GroupNorm(groups, c, eps=1e-5)
+  with torch.no_grad():
+    ref.weight.copy_(torch.from_numpy(scale))
+    ref.bias.copy_(torch.from_numpy(bias))
+  channels_first = lambda a: torch.from_numpy(np.moveaxis(a, -1, 1).copy())
+  tx = channels_first(x).requires_grad_()
+  want = ref(tx)
+  want.backward(channels_first(dy))
+  last = lambda t: np.moveaxis(t.detach().numpy(), 1, -1)
+  for got, ref_value in zip((out, *grads), (last(want), last(tx.grad), ref.weight.grad.numpy(), ref.bias.grad.numpy())):
+    np.testing.assert_allclose(np.asarray(got), ref_value, rtol=1e-4, atol=2e-5 * np.abs(ref_value).max())
+
+
+@needs_kernel
+def test_group_norm_module_is_flax_group_norm_with_the_kernel(rng):
+  import flax.linen as nn
+  x = jnp.asarray(rng.standard_normal((2, 4, 4, 64)), jnp.float32)
+  ours, flax_gn = cpu_kernels.GroupNorm(num_groups=8, epsilon=1e-6), nn.GroupNorm(num_groups=8, epsilon=1e-6)
+  params = flax_gn.init(jax.random.key(0), x)
+  params = jax.tree.map(lambda a: a + jnp.asarray(rng.standard_normal(a.shape), jnp.float32), params)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, params)
+  assert "mre_cpu_group_norm_forward" in jax.jit(ours.apply).lower(params, x).as_text()
+  np.testing.assert_allclose(ours.apply(params, x), flax_gn.apply(params, x), atol=1e-5)
+  # bfloat16 compute is flax's own code
+  half = cpu_kernels.GroupNorm(num_groups=8, epsilon=1e-6, dtype=jnp.bfloat16)
+  assert "mre_cpu_group_norm" not in jax.jit(half.apply).lower(params, x).as_text()
+  assert half.apply(params, x).dtype == jnp.bfloat16
 
 
 def test_a_failed_build_names_the_command_and_leaves_no_library(tmp_path, monkeypatch):
@@ -84,21 +133,21 @@ def test_a_failed_build_names_the_command_and_leaves_no_library(tmp_path, monkey
                       "echo 'error: no such intrinsic' >&2\nexit 1\n")
   compiler.chmod(compiler.stat().st_mode | stat.S_IEXEC)
   with pytest.raises(RuntimeError, match="broken-c\\+\\+.*failed:\n.*no such intrinsic"):
-    cpu_attention.build(str(compiler))
+    cpu_kernels.build(str(compiler))
   assert list((tmp_path / "cache").iterdir()) == []  # neither a library nor a temporary file
 
 
 @needs_kernel
 def test_build_is_cached_per_source(tmp_path, monkeypatch):
   monkeypatch.setenv("MRE_JAX_CACHE", str(tmp_path))
-  compiler = cpu_attention._compiler()
-  first = cpu_attention.build(compiler)
+  compiler = cpu_kernels._compiler()
+  first = cpu_kernels.build(compiler)
   mtime = first.stat().st_mtime_ns
-  assert cpu_attention.build(compiler) == first and first.stat().st_mtime_ns == mtime  # not rebuilt
-  source = tmp_path / "cpu_attention.cc"
-  source.write_text(cpu_attention.SOURCE.read_text() + "\n// changed\n")
-  monkeypatch.setattr(cpu_attention, "SOURCE", source)
-  assert cpu_attention.build(compiler) != first
+  assert cpu_kernels.build(compiler) == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+  source = tmp_path / "cpu_kernels.cc"
+  source.write_text(cpu_kernels.SOURCE.read_text() + "\n// changed\n")
+  monkeypatch.setattr(cpu_kernels, "SOURCE", source)
+  assert cpu_kernels.build(compiler) != first
 
 
 @needs_kernel
@@ -106,11 +155,11 @@ def test_fused_attention_under_data_and_fsdp_sharding_matches_one_device():
   code = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from mre_jax import cpu_attention
-assert cpu_attention.available()
+from mre_jax import cpu_kernels
+assert cpu_kernels.available()
 r = np.random.default_rng(0)
 q, k, v, g = (r.standard_normal((8, 40, 64)).astype(np.float32) for _ in range(4))
-loss = lambda q, k, v: jnp.sum(cpu_attention.attention(q, k, v, 4) * g)
+loss = lambda q, k, v: jnp.sum(cpu_kernels.attention(q, k, v, 4) * g)
 mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
 batch = NamedSharding(mesh, P(("data", "fsdp")))
 got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*(jax.device_put(x, batch) for x in (q, k, v)))

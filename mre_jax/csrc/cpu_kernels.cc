@@ -1,6 +1,7 @@
-// Fused multi-head attention for XLA:CPU, float32: softmax(q k^T * scale) v and its gradients.
+// Float32 kernels for XLA:CPU: fused multi-head attention (softmax(q k^T * scale) v) and
+// GroupNorm, each with its gradients.
 //
-// Built at run time by mre_jax/cpu_attention.py (g++ -O3 -march=native) and called through the
+// Built at run time by mre_jax/cpu_kernels.py (g++ -O3 -march=native) and called through the
 // XLA FFI. Layouts are the projections' own: q [B, T, H*d], k and v [B, S, H*d]; the row
 // logsumexp of the scaled scores is [B, H, T]. Work items are (batch, head) pairs, spread over
 // XLA's intra-op thread pool. Per item, query rows go in blocks whose [rows, S] scores stay in
@@ -343,6 +344,167 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+
+// ------------------------------------------------------------------------------------ GroupNorm
+// x [B, N, C] (N positions, channels last), G groups of C/G channels; statistics per (batch,
+// group) in two passes (mean, then mean squared deviation), accumulated in float over blocks of
+// rows and in double across blocks. Work items are (batch, run of whole groups).
+
+struct NormDims {
+  int64_t batch, n, c, groups, cg, chunks, chunk_groups;
+
+  NormDims(int64_t batch, int64_t n, int64_t c, int64_t groups, int64_t threads)
+      : batch(batch), n(n), c(c), groups(groups), cg(c / groups) {
+    chunks = std::min<int64_t>(groups, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
+    while (groups % chunks) ++chunks;  // equal runs of groups
+    chunk_groups = groups / chunks;
+  }
+};
+
+constexpr int64_t kNormRows = 64;
+
+// sums[j] += sum over rows of f(row pointer, j) for channels j in [0, len): per-channel sums over
+// all n rows of x (row stride ld) with f applied, float within blocks of kNormRows, double across.
+template <typename F>
+void ChannelSums(int64_t n, int64_t len, F f, double* sums, float* block) {
+  std::fill(sums, sums + len, 0.0);
+  const int64_t full = len / kLanes * kLanes;
+  for (int64_t r0 = 0; r0 < n; r0 += kNormRows) {
+    std::fill(block, block + len, 0.0f);
+    for (int64_t r = r0; r < std::min(n, r0 + kNormRows); ++r) {
+      for (int64_t j = 0; j < full; j += kLanes) Store(block + j, Load(block + j) + f(r, j));
+      for (int64_t j = full; j < len; ++j) block[j] += f(r, j)[0];
+    }
+    for (int64_t j = 0; j < len; ++j) sums[j] += block[j];
+  }
+}
+
+void GroupNormForwardItem(int64_t item, const NormDims& dm, float epsilon, const float* x, const float* gamma,
+                          const float* beta, float* y, float* mean, float* rstd) {
+  const int64_t b = item / dm.chunks, g0 = item % dm.chunks * dm.chunk_groups, c0 = g0 * dm.cg;
+  const int64_t len = dm.chunk_groups * dm.cg, full = len / kLanes * kLanes;
+  const float* xb = x + b * dm.n * dm.c + c0;
+  float* yb = y + b * dm.n * dm.c + c0;
+  thread_local std::vector<double> sums;
+  sums.resize(len);
+  float *block = Scratch(0, len), *shift = Scratch(1, len + kLanes), *mul = Scratch(2, len + kLanes),
+        *add = Scratch(3, len + kLanes);
+  // lanes past len read x beyond the run; their results are never stored (scalar tail below)
+  auto row = [&](int64_t r, int64_t j) {
+    if (j + kLanes <= len) return Load(xb + r * dm.c + j);
+    vf v{};
+    v[0] = xb[r * dm.c + j];
+    return v;
+  };
+  ChannelSums(dm.n, len, row, sums.data(), block);
+  const double count = static_cast<double>(dm.n * dm.cg);
+  for (int64_t g = 0; g < dm.chunk_groups; ++g) {
+    double total = 0;
+    for (int64_t j = g * dm.cg; j < (g + 1) * dm.cg; ++j) total += sums[j];
+    for (int64_t j = g * dm.cg; j < (g + 1) * dm.cg; ++j) shift[j] = static_cast<float>(total / count);
+  }
+  auto centered = [&](int64_t r, int64_t j) {
+    vf d = row(r, j) - (j + kLanes <= len ? Load(shift + j) : Splat(shift[j]));
+    return d * d;
+  };
+  ChannelSums(dm.n, len, centered, sums.data(), block);
+  for (int64_t g = 0; g < dm.chunk_groups; ++g) {
+    double total = 0;
+    for (int64_t j = g * dm.cg; j < (g + 1) * dm.cg; ++j) total += sums[j];
+    const float m = shift[g * dm.cg], r = static_cast<float>(1.0 / std::sqrt(total / count + epsilon));
+    mean[b * dm.groups + g0 + g] = m;
+    rstd[b * dm.groups + g0 + g] = r;
+    for (int64_t j = g * dm.cg; j < (g + 1) * dm.cg; ++j) {
+      mul[j] = r * gamma[c0 + j];
+      add[j] = beta[c0 + j] - m * mul[j];
+    }
+  }
+  for (int64_t r = 0; r < dm.n; ++r) {
+    for (int64_t j = 0; j < full; j += kLanes) Store(yb + r * dm.c + j, Load(xb + r * dm.c + j) * Load(mul + j) + Load(add + j));
+    for (int64_t j = full; j < len; ++j) yb[r * dm.c + j] = xb[r * dm.c + j] * mul[j] + add[j];
+  }
+}
+
+void GroupNormBackwardItem(int64_t item, const NormDims& dm, const float* x, const float* dy, const float* gamma,
+                           const float* mean, const float* rstd, float* dx, float* dgamma, float* dbeta) {
+  const int64_t b = item / dm.chunks, g0 = item % dm.chunks * dm.chunk_groups, c0 = g0 * dm.cg;
+  const int64_t len = dm.chunk_groups * dm.cg, full = len / kLanes * kLanes, off = b * dm.n * dm.c + c0;
+  thread_local std::vector<double> s1, s2;
+  s1.resize(len);
+  s2.resize(len);
+  float *block = Scratch(0, len), *ca = Scratch(1, len), *cb = Scratch(2, len), *cc = Scratch(3, len);
+  auto load = [&](const float* p, int64_t r, int64_t j) {
+    if (j + kLanes <= len) return Load(p + off + r * dm.c + j);
+    vf v{};
+    v[0] = p[off + r * dm.c + j];
+    return v;
+  };
+  ChannelSums(dm.n, len, [&](int64_t r, int64_t j) { return load(dy, r, j); }, s1.data(), block);
+  ChannelSums(dm.n, len, [&](int64_t r, int64_t j) { return load(dy, r, j) * load(x, r, j); }, s2.data(), block);
+  const double count = static_cast<double>(dm.n * dm.cg);
+  for (int64_t g = 0; g < dm.chunk_groups; ++g) {
+    const double m = mean[b * dm.groups + g0 + g], r = rstd[b * dm.groups + g0 + g];
+    double m1 = 0, m2 = 0;  // group means of d(x_hat) and d(x_hat) * x_hat, d(x_hat) = gamma dy
+    for (int64_t j = g * dm.cg; j < (g + 1) * dm.cg; ++j) {
+      const double dg = r * (s2[j] - m * s1[j]);  // sum of dy * x_hat
+      dgamma[b * dm.c + c0 + j] = static_cast<float>(dg);
+      dbeta[b * dm.c + c0 + j] = static_cast<float>(s1[j]);
+      m1 += gamma[c0 + j] * s1[j];
+      m2 += gamma[c0 + j] * dg;
+    }
+    m1 /= count;
+    m2 /= count;
+    // dx = r (gamma dy - m1 - x_hat m2) = dy (r gamma) + x (-r^2 m2) + (r^2 m2 mean - r m1)
+    for (int64_t j = g * dm.cg; j < (g + 1) * dm.cg; ++j) {
+      ca[j] = static_cast<float>(r * gamma[c0 + j]);
+      cb[j] = static_cast<float>(-r * r * m2);
+      cc[j] = static_cast<float>(r * r * m2 * m - r * m1);
+    }
+  }
+  for (int64_t r = 0; r < dm.n; ++r) {
+    const int64_t o = off + r * dm.c;
+    for (int64_t j = 0; j < full; j += kLanes)
+      Store(dx + o + j, Load(dy + o + j) * Load(ca + j) + Load(x + o + j) * Load(cb + j) + Load(cc + j));
+    for (int64_t j = full; j < len; ++j) dx[o + j] = dy[o + j] * ca[j] + x[o + j] * cb[j] + cc[j];
+  }
+}
+
+ffi::Error CheckNorm(ffi::Buffer<ffi::F32>& x, int64_t groups) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("group_norm: x must be [batch, positions, channels]");
+  if (groups <= 0 || xd[2] % groups != 0)
+    return ffi::Error::InvalidArgument("group_norm: channels not divisible by groups");
+  return ffi::Error::Success();
+}
+
+ffi::Error GroupNormForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
+                            ffi::Buffer<ffi::F32> beta, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
+                            ffi::ResultBuffer<ffi::F32> rstd, int64_t groups, float epsilon) {
+  if (auto error = CheckNorm(x, groups); error.failure()) return error;
+  const auto xd = x.dimensions();
+  const NormDims dm(xd[0], xd[1], xd[2], groups, pool.num_threads());
+  const float *xp = x.typed_data(), *gp = gamma.typed_data(), *bp = beta.typed_data();
+  float *yp = y->typed_data(), *mp = mean->typed_data(), *rp = rstd->typed_data();
+  ParallelFor::Run(pool, dm.batch * dm.chunks,
+                   [&](int64_t i) { GroupNormForwardItem(i, dm, epsilon, xp, gp, bp, yp, mp, rp); });
+  return ffi::Error::Success();
+}
+
+ffi::Error GroupNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                             ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd,
+                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dgamma,
+                             ffi::ResultBuffer<ffi::F32> dbeta, int64_t groups) {
+  if (auto error = CheckNorm(x, groups); error.failure()) return error;
+  const auto xd = x.dimensions();
+  const NormDims dm(xd[0], xd[1], xd[2], groups, pool.num_threads());
+  const float *xp = x.typed_data(), *dyp = dy.typed_data(), *gp = gamma.typed_data(), *mp = mean.typed_data(),
+              *rp = rstd.typed_data();
+  float *dxp = dx->typed_data(), *dgp = dgamma->typed_data(), *dbp = dbeta->typed_data();
+  ParallelFor::Run(pool, dm.batch * dm.chunks,
+                   [&](int64_t i) { GroupNormBackwardItem(i, dm, xp, dyp, gp, mp, rp, dxp, dgp, dbp); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MreAttentionForward, Forward,
@@ -370,3 +532,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MreAttentionBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("heads")
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MreGroupNormForward, GroupNormForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("epsilon"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MreGroupNormBackward, GroupNormBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("groups"));
