@@ -41,11 +41,11 @@ inline void Store(float* p, vf x) { std::memcpy(p, &x, sizeof(vf)); }
 
 inline vf Splat(float x) { return x - vf{}; }  // x - (+0) is x exactly, so this folds to a broadcast
 
-// exp(x) for x <= ~88: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, times 2^n.
+// exp(x) for x <= 0 (softmax arguments, after the row maximum is subtracted; rounding may leave
+// them a little above 0): x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, times 2^n.
 // Relative error ~2e-7; results below 2^-126 flush to ~1e-38.
 inline vf Exp(vf x) {
   x = x < -87.0f ? Splat(-87.0f) : x;
-  x = x > 88.0f ? Splat(88.0f) : x;
   const vf magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   vf n = (x * 1.44269504088896341f + magic) - magic;
   vf r = x - n * 0.693359375f;  // ln2 in two parts (Cody-Waite)
@@ -195,11 +195,31 @@ void PackRows(const float* src, int64_t src_ld, int64_t n, int64_t d, float* dst
   }
 }
 
-// dst[c, j] (stride ld) <- src[j, c], j < n, c < d; zero for n <= j < ld.
-void PackTransposed(const float* src, int64_t src_ld, int64_t n, int64_t d, float* dst, int64_t ld) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t c = 0; c < d; ++c) dst[c * ld + j] = src[j * src_ld + c];
-  for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + n, dst + (c + 1) * ld, 0.0f);
+// Panels of kPanel columns: a [K, N] matrix stored panel by panel, each [K, kPanel] contiguous
+// (the last one may be 16 wide), so that a product streams one small contiguous block of B per
+// column panel; with rows of N floats, B's rows at a 4 KB stride fall into one L1 set.
+constexpr int64_t kPanel = 32;
+
+// dst (panels over j, ld = n rounded up to 16 columns) <- src[j, c] transposed: dst(c, j), for
+// j < n, c < d; zero for n <= j < ld.
+void PackTransposedPanels(const float* src, int64_t src_ld, int64_t n, int64_t d, float* dst, int64_t ld) {
+  for (int64_t j0 = 0; j0 < ld; j0 += kPanel) {
+    const int64_t width = std::min(kPanel, ld - j0);
+    float* panel = dst + j0 * d;
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t j = 0; j < width; ++j) panel[c * width + j] = j0 + j < n ? src[(j0 + j) * src_ld + c] : 0.0f;
+  }
+}
+
+// C[M, N] (+)= A[M, K] B[K, N] with B in panels (see kPanel).
+void GemmPanels(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, float* c,
+                int64_t ldc, bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+    if (n0 + kPanel <= N)
+      GemmCols<2>(M, K, a, ars, aks, b + n0 * K, kPanel, c + n0, ldc, accumulate);
+    else
+      GemmCols<1>(M, K, a, ars, aks, b + n0 * K, N - n0, c + n0, ldc, accumulate);
+  }
 }
 
 // Lanes of the last vector of a row that lie past s (the padding), as a mask of true lanes.
@@ -213,22 +233,32 @@ inline vf TailKeep(int64_t s) {
 // (max * scale, sum). Padding columns become 0.
 inline std::pair<float, float> SoftmaxRow(float* x, const Dims& dm) {
   const int64_t full = dm.s / kLanes * kLanes;
-  vf top = Splat(-std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < full; j += kLanes) {
-    const vf v = Load(x + j);
-    top = v > top ? v : top;
+  vf top0 = Splat(-std::numeric_limits<float>::infinity()), top1 = top0;
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= full; j += 2 * kLanes) {
+    const vf v0 = Load(x + j), v1 = Load(x + j + kLanes);
+    top0 = v0 > top0 ? v0 : top0;
+    top1 = v1 > top1 ? v1 : top1;
   }
-  float m = HorizontalMax(top);
-  for (int64_t j = full; j < dm.s; ++j) m = std::max(m, x[j]);
+  if (j < full) top0 = Load(x + j) > top0 ? Load(x + j) : top0;
+  float m = HorizontalMax(top0 > top1 ? top0 : top1);
+  for (j = full; j < dm.s; ++j) m = std::max(m, x[j]);
   const vf shift = Splat(m * dm.scale);
-  vf sum{};
-  for (int64_t j = 0; j < dm.sp; j += kLanes) {
+  vf sum0{}, sum1{};
+  for (j = 0; j + 2 * kLanes <= full; j += 2 * kLanes) {
+    const vf p0 = Exp(Load(x + j) * dm.scale - shift), p1 = Exp(Load(x + j + kLanes) * dm.scale - shift);
+    Store(x + j, p0);
+    Store(x + j + kLanes, p1);
+    sum0 += p0;
+    sum1 += p1;
+  }
+  for (; j < dm.sp; j += kLanes) {
     vf p = Exp(Load(x + j) * dm.scale - shift);
     if (j + kLanes > dm.s) p = p * TailKeep(dm.s);
     Store(x + j, p);
-    sum += p;
+    sum0 += p;
   }
-  return {m * dm.scale, HorizontalSum(sum)};
+  return {m * dm.scale, HorizontalSum(sum0 + sum1)};
 }
 
 void ForwardItem(int64_t item, const Dims& dm, const float* q, const float* k, const float* v, float* out,
@@ -239,12 +269,12 @@ void ForwardItem(int64_t item, const Dims& dm, const float* q, const float* k, c
   const float* vb = v + b * dm.s * w + h * dm.d;
   float *kt = Scratch(0, dm.d * dm.sp), *vp = Scratch(1, dm.sp * dm.dp), *scores = Scratch(2, dm.rows * dm.sp),
         *o = Scratch(3, dm.rows * dm.dp);
-  PackTransposed(kb, w, dm.s, dm.d, kt, dm.sp);
+  PackTransposedPanels(kb, w, dm.s, dm.d, kt, dm.sp);
   PackRows(vb, w, dm.s, dm.d, vp, dm.dp);
   std::fill(vp + dm.s * dm.dp, vp + dm.sp * dm.dp, 0.0f);  // padding keys: zero values
   for (int64_t i0 = 0; i0 < dm.t; i0 += dm.rows) {
     const int64_t rows = std::min(dm.rows, dm.t - i0);
-    Gemm(rows, dm.sp, dm.d, qb + i0 * w, w, 1, kt, dm.sp, scores, dm.sp, false);
+    GemmPanels(rows, dm.sp, dm.d, qb + i0 * w, w, 1, kt, scores, dm.sp, false);
     float inv[96];
     for (int64_t i = 0; i < rows; ++i) {
       auto [shift, sum] = SoftmaxRow(scores + i * dm.sp, dm);
@@ -267,8 +297,8 @@ void BackwardItem(int64_t item, const Dims& dm, const float* q, const float* k, 
         *dkp = Scratch(3, dm.sp * dm.dp), *dvp = Scratch(4, dm.sp * dm.dp), *qblk = Scratch(5, dm.rows * dm.dp),
         *dblk = Scratch(6, dm.rows * dm.dp), *p = Scratch(7, dm.rows * dm.sp), *ds = Scratch(8, dm.rows * dm.sp),
         *g = Scratch(9, dm.rows * dm.dp);
-  PackTransposed(k + k0, w, dm.s, dm.d, kt, dm.sp);
-  PackTransposed(v + k0, w, dm.s, dm.d, vt, dm.sp);
+  PackTransposedPanels(k + k0, w, dm.s, dm.d, kt, dm.sp);
+  PackTransposedPanels(v + k0, w, dm.s, dm.d, vt, dm.sp);
   PackRows(k + k0, w, dm.s, dm.d, kp, dm.dp);
   std::fill(kp + dm.s * dm.dp, kp + dm.sp * dm.dp, 0.0f);
   const float* lse_bh = lse + (b * dm.heads + h) * dm.t;
@@ -276,8 +306,8 @@ void BackwardItem(int64_t item, const Dims& dm, const float* q, const float* k, 
     const int64_t rows = std::min(dm.rows, dm.t - i0);
     PackRows(q + q0 + i0 * w, w, rows, dm.d, qblk, dm.dp);
     PackRows(d_out + q0 + i0 * w, w, rows, dm.d, dblk, dm.dp);
-    Gemm(rows, dm.sp, dm.d, qblk, dm.dp, 1, kt, dm.sp, p, dm.sp, false);
-    Gemm(rows, dm.sp, dm.d, dblk, dm.dp, 1, vt, dm.sp, ds, dm.sp, false);
+    GemmPanels(rows, dm.sp, dm.d, qblk, dm.dp, 1, kt, p, dm.sp, false);
+    GemmPanels(rows, dm.sp, dm.d, dblk, dm.dp, 1, vt, ds, dm.sp, false);
     for (int64_t i = 0; i < rows; ++i) {
       const float* o = out + q0 + (i0 + i) * w;
       float delta = 0;  // rowsum(P * dP) = d_out . out
