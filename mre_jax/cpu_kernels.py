@@ -15,9 +15,9 @@ a temporary file and renamed, so concurrent processes never load a partial libra
 compiler is found or the build fails, `available()` is False (with a warning naming the reason)
 and callers keep the XLA kernels. Nothing here runs on GPU or TPU.
 
-Under SPMD sharding XLA does not know how to split the custom call, so it gathers the operands
-and computes the whole attention on each device: correct, not faster. Training on one CPU
-device (the case this kernel is for) is unaffected.
+Under SPMD sharding XLA does not know how to split a custom call, so it gathers the operands
+and runs the whole op on each device: correct, not faster. Training on one CPU device (the case
+these kernels are for) is unaffected.
 """
 from __future__ import annotations
 
