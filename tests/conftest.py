@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("USE_TF", "0")
@@ -23,3 +25,18 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+@pytest.fixture
+def run_on_8_devices():
+  """Runs Python `code` in a child process with 8 simulated CPU devices (XLA reads its flags once
+  per process); asserts that it exits 0 and printed "devices 8 ok"."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def run(code: str) -> None:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "devices 8 ok" in out.stdout
+
+  return run

@@ -1,8 +1,5 @@
 """Convolution kernels (mre_jax/conv.py) against PyTorch's conv2d, and their routing."""
 
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -103,7 +100,7 @@ def test_unet_and_vae_blocks_build_their_convolutions_from_conv_module(setting):
   assert _conv_ops(lambda p, x: vae.apply({"params": p}, x), pretrained.vae_param_shapes(vae), image) == downsamplers
 
 
-def test_winograd_conv_under_data_and_fsdp_sharding_matches_one_device():
+def test_winograd_conv_under_data_and_fsdp_sharding_matches_one_device(run_on_8_devices):
   # 8 simulated devices need a fresh process (XLA reads its flags once)
   code = """
 import jax, jax.numpy as jnp, numpy as np
@@ -124,8 +121,4 @@ for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(b).max())
 print("devices", jax.device_count(), "ok")
 """
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": root}
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "devices 8 ok" in out.stdout
+  run_on_8_devices(code)

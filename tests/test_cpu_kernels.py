@@ -3,8 +3,6 @@
 import os
 import shutil
 import stat
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -151,7 +149,7 @@ def test_build_is_cached_per_source(tmp_path, monkeypatch):
 
 
 @needs_kernel
-def test_fused_attention_under_data_and_fsdp_sharding_matches_one_device():
+def test_fused_attention_under_data_and_fsdp_sharding_matches_one_device(run_on_8_devices):
   code = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -169,8 +167,4 @@ for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 print("devices", jax.device_count(), "ok")
 """
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": root}
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "devices 8 ok" in out.stdout
+  run_on_8_devices(code)
