@@ -208,7 +208,7 @@ class GroupNorm(nn.GroupNorm):
             and self.use_scale and self.axis_name is None and self.reduction_axes is None and x.ndim >= 3
             and x.dtype == jnp.float32 and jnp.dtype(self.dtype or jnp.float32) == jnp.float32
             and jnp.dtype(self.param_dtype) == jnp.float32 and x.shape[-1] % self.num_groups == 0
-            and jax.default_backend() == "cpu" and available())
+            and available())
     if not fast:
       return super().__call__(x, mask=mask)
     channels = x.shape[-1]

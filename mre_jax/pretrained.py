@@ -171,8 +171,8 @@ def attention_implementation(dtype: Any, self_attention: bool = True) -> str:
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if backend == "gpu":
       return "cudnn" if half and self_attention else "xla"
-    return "cpu" if backend == "cpu" and cpu_kernels.available() else "xla"
-  if chosen == "cpu" and not (backend == "cpu" and cpu_kernels.available()):
+    return "cpu" if cpu_kernels.available() else "xla"  # available() is False off XLA:CPU
+  if chosen == "cpu" and not cpu_kernels.available():
     raise ValueError(f"MRE_JAX_ATTENTION=cpu: the fused CPU attention kernel is unavailable on backend "
                      f"{backend!r} (it needs XLA:CPU and a C++ compiler; see mre_jax/cpu_kernels.py)")
   return chosen

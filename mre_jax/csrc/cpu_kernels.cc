@@ -393,8 +393,9 @@ struct NormDims {
 
 constexpr int64_t kNormRows = 64;
 
-// sums[j] += sum over rows of f(row pointer, j) for channels j in [0, len): per-channel sums over
-// all n rows of x (row stride ld) with f applied, float within blocks of kNormRows, double across.
+// sums[j] = sum over rows r < n of f(r, j)[0..] for channels j in [0, len): f(r, j) gives the
+// (transformed) values of row r, channels j..j+15 (lane 0 only past the last full vector). Sums
+// go in float within blocks of kNormRows rows, in double across blocks.
 template <typename F>
 void ChannelSums(int64_t n, int64_t len, F f, double* sums, float* block) {
   std::fill(sums, sums + len, 0.0);
