@@ -24,7 +24,7 @@ dropout on) in both frameworks.
 - Attention and GroupNorm: on a CPU, `cpu_kernels` (C++ through the XLA FFI, built on first use)
   runs every attention layer as one fused kernel (a 1024-token layer, forward + backward:
   ~100 ms, XLA's blocked kernel ~180 ms, PyTorch's SDPA ~110 ms) and every GroupNorm
-  (1.10x -> 1.19x, then 1.22-1.26x in three runs with both kernels tuned). Adding XNNPACK dots
+  (1.10x -> 1.19x, then 1.22-1.27x in four runs with both kernels tuned). Adding XNNPACK dots
   (`-individual_dot` and `--xla_cpu_experimental_xnn_fusion_type=dot`, faster on some GEMMs
   alone) gave the same 3.41 s/step as the default flag in back-to-back runs.
 - XLA flags: by default the JAX step runs with `--xla_cpu_experimental_ynn_fusion_type=
