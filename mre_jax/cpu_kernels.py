@@ -116,11 +116,16 @@ def supports_attention(width: int, heads: int) -> bool:
   return width % heads == 0 and width // heads <= MAX_HEAD_DIM
 
 
+def _attention_attrs(width: int, heads: int) -> dict:
+  """The kernels' attributes: heads, and the softmax scale 1/sqrt(head dim)."""
+  return {"heads": np.int64(heads), "scale": np.float32((width // heads) ** -0.5)}
+
+
 def _forward(q, k, v, heads):
   b, t, width = q.shape
   out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, heads, t), jnp.float32))
   call = jax.ffi.ffi_call("mre_cpu_attention_forward", out_types, vmap_method="sequential")
-  return call(q, k, v, heads=np.int64(heads), scale=np.float32((width // heads) ** -0.5))
+  return call(q, k, v, **_attention_attrs(width, heads))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -141,8 +146,7 @@ def _attention_bwd(heads, res, d_out):
   q, k, v, out, lse = res
   out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
   call = jax.ffi.ffi_call("mre_cpu_attention_backward", out_types, vmap_method="sequential")
-  return call(q, k, v, out, lse, d_out.astype(jnp.float32), heads=np.int64(heads),
-              scale=np.float32((q.shape[-1] // heads) ** -0.5))
+  return call(q, k, v, out, lse, d_out.astype(jnp.float32), **_attention_attrs(q.shape[-1], heads))
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

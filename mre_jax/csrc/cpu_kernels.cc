@@ -187,12 +187,14 @@ float* Scratch(int slot, int64_t size) {
   return buffers[slot].data();
 }
 
-// dst[j, c] (stride ld) <- src[j, c] (row stride src_ld) for j < n, c < d; zero for d <= c < ld.
-void PackRows(const float* src, int64_t src_ld, int64_t n, int64_t d, float* dst, int64_t ld) {
+// dst[j, c] (stride ld, `rows` rows) <- src[j, c] (row stride src_ld) for j < n, c < d; zero
+// elsewhere (columns d <= c < ld, rows n <= j < rows).
+void PackRows(const float* src, int64_t src_ld, int64_t n, int64_t d, float* dst, int64_t ld, int64_t rows) {
   for (int64_t j = 0; j < n; ++j) {
     std::memcpy(dst + j * ld, src + j * src_ld, d * sizeof(float));
     std::fill(dst + j * ld + d, dst + (j + 1) * ld, 0.0f);
   }
+  std::fill(dst + n * ld, dst + rows * ld, 0.0f);
 }
 
 // Panels of kPanel columns: a [K, N] matrix stored panel by panel, each [K, kPanel] contiguous
@@ -229,6 +231,12 @@ inline vf TailKeep(int64_t s) {
   return keep;
 }
 
+// exp(x[j..j+15] * scale - shift), with the lanes past s (padding keys) set to 0.
+inline vf ExpScores(const float* x, int64_t j, const Dims& dm, vf shift) {
+  const vf p = Exp(Load(x + j) * dm.scale - shift);
+  return j + kLanes > dm.s ? p * TailKeep(dm.s) : p;
+}
+
 // One row of scores (sp wide) -> unnormalised exp((x - max) * scale) in place; returns
 // (max * scale, sum). Padding columns become 0.
 inline std::pair<float, float> SoftmaxRow(float* x, const Dims& dm) {
@@ -253,8 +261,7 @@ inline std::pair<float, float> SoftmaxRow(float* x, const Dims& dm) {
     sum1 += p1;
   }
   for (; j < dm.sp; j += kLanes) {
-    vf p = Exp(Load(x + j) * dm.scale - shift);
-    if (j + kLanes > dm.s) p = p * TailKeep(dm.s);
+    const vf p = ExpScores(x, j, dm, shift);
     Store(x + j, p);
     sum0 += p;
   }
@@ -270,8 +277,7 @@ void ForwardItem(int64_t item, const Dims& dm, const float* q, const float* k, c
   float *kt = Scratch(0, dm.d * dm.sp), *vp = Scratch(1, dm.sp * dm.dp), *scores = Scratch(2, dm.rows * dm.sp),
         *o = Scratch(3, dm.rows * dm.dp);
   PackTransposedPanels(kb, w, dm.s, dm.d, kt, dm.sp);
-  PackRows(vb, w, dm.s, dm.d, vp, dm.dp);
-  std::fill(vp + dm.s * dm.dp, vp + dm.sp * dm.dp, 0.0f);  // padding keys: zero values
+  PackRows(vb, w, dm.s, dm.d, vp, dm.dp, dm.sp);  // padding keys: zero values
   for (int64_t i0 = 0; i0 < dm.t; i0 += dm.rows) {
     const int64_t rows = std::min(dm.rows, dm.t - i0);
     GemmPanels(rows, dm.sp, dm.d, qb + i0 * w, w, 1, kt, scores, dm.sp, false);
@@ -299,13 +305,12 @@ void BackwardItem(int64_t item, const Dims& dm, const float* q, const float* k, 
         *g = Scratch(9, dm.rows * dm.dp);
   PackTransposedPanels(k + k0, w, dm.s, dm.d, kt, dm.sp);
   PackTransposedPanels(v + k0, w, dm.s, dm.d, vt, dm.sp);
-  PackRows(k + k0, w, dm.s, dm.d, kp, dm.dp);
-  std::fill(kp + dm.s * dm.dp, kp + dm.sp * dm.dp, 0.0f);
+  PackRows(k + k0, w, dm.s, dm.d, kp, dm.dp, dm.sp);
   const float* lse_bh = lse + (b * dm.heads + h) * dm.t;
   for (int64_t i0 = 0; i0 < dm.t; i0 += dm.rows) {
     const int64_t rows = std::min(dm.rows, dm.t - i0);
-    PackRows(q + q0 + i0 * w, w, rows, dm.d, qblk, dm.dp);
-    PackRows(d_out + q0 + i0 * w, w, rows, dm.d, dblk, dm.dp);
+    PackRows(q + q0 + i0 * w, w, rows, dm.d, qblk, dm.dp, rows);
+    PackRows(d_out + q0 + i0 * w, w, rows, dm.d, dblk, dm.dp, rows);
     GemmPanels(rows, dm.sp, dm.d, qblk, dm.dp, 1, kt, p, dm.sp, false);
     GemmPanels(rows, dm.sp, dm.d, dblk, dm.dp, 1, vt, ds, dm.sp, false);
     for (int64_t i = 0; i < rows; ++i) {
@@ -316,8 +321,7 @@ void BackwardItem(int64_t item, const Dims& dm, const float* q, const float* k, 
       float* pr = p + i * dm.sp;
       float* dr = ds + i * dm.sp;
       for (int64_t j = 0; j < dm.sp; j += kLanes) {
-        vf pj = Exp(Load(pr + j) * dm.scale - shift);
-        if (j + kLanes > dm.s) pj = pj * TailKeep(dm.s);
+        const vf pj = ExpScores(pr, j, dm, shift);
         Store(pr + j, pj);
         Store(dr + j, pj * (Load(dr + j) - dv_shift));
       }
@@ -393,6 +397,21 @@ struct NormDims {
 
 constexpr int64_t kNormRows = 64;
 
+// p[j..j+15] where that lies within [0, len); past the last full vector, p[j] in lane 0 only.
+inline vf LoadRun(const float* p, int64_t j, int64_t len) {
+  if (j + kLanes <= len) return Load(p + j);
+  vf v{};
+  v[0] = p[j];
+  return v;
+}
+
+// Sum of per-channel sums over the channels of group g (cg channels each).
+inline double GroupTotal(const double* sums, int64_t g, int64_t cg) {
+  double total = 0;
+  for (int64_t j = g * cg; j < (g + 1) * cg; ++j) total += sums[j];
+  return total;
+}
+
 // sums[j] = sum over rows r < n of f(r, j)[0..] for channels j in [0, len): f(r, j) gives the
 // (transformed) values of row r, channels j..j+15 (lane 0 only past the last full vector). Sums
 // go in float within blocks of kNormRows rows, in double across blocks.
@@ -418,31 +437,22 @@ void GroupNormForwardItem(int64_t item, const NormDims& dm, float epsilon, const
   float* yb = y + b * dm.n * dm.c + c0;
   thread_local std::vector<double> sums;
   sums.resize(len);
-  float *block = Scratch(0, len), *shift = Scratch(1, len + kLanes), *mul = Scratch(2, len + kLanes),
-        *add = Scratch(3, len + kLanes);
-  // lanes past len read x beyond the run; their results are never stored (scalar tail below)
-  auto row = [&](int64_t r, int64_t j) {
-    if (j + kLanes <= len) return Load(xb + r * dm.c + j);
-    vf v{};
-    v[0] = xb[r * dm.c + j];
-    return v;
-  };
+  float *block = Scratch(0, len), *shift = Scratch(1, len), *mul = Scratch(2, len), *add = Scratch(3, len);
+  auto row = [&](int64_t r, int64_t j) { return LoadRun(xb + r * dm.c, j, len); };
   ChannelSums(dm.n, len, row, sums.data(), block);
   const double count = static_cast<double>(dm.n * dm.cg);
   for (int64_t g = 0; g < dm.chunk_groups; ++g) {
-    double total = 0;
-    for (int64_t j = g * dm.cg; j < (g + 1) * dm.cg; ++j) total += sums[j];
-    for (int64_t j = g * dm.cg; j < (g + 1) * dm.cg; ++j) shift[j] = static_cast<float>(total / count);
+    const float m = static_cast<float>(GroupTotal(sums.data(), g, dm.cg) / count);
+    std::fill(shift + g * dm.cg, shift + (g + 1) * dm.cg, m);
   }
   auto centered = [&](int64_t r, int64_t j) {
-    vf d = row(r, j) - (j + kLanes <= len ? Load(shift + j) : Splat(shift[j]));
+    const vf d = row(r, j) - LoadRun(shift, j, len);
     return d * d;
   };
   ChannelSums(dm.n, len, centered, sums.data(), block);
   for (int64_t g = 0; g < dm.chunk_groups; ++g) {
-    double total = 0;
-    for (int64_t j = g * dm.cg; j < (g + 1) * dm.cg; ++j) total += sums[j];
-    const float m = shift[g * dm.cg], r = static_cast<float>(1.0 / std::sqrt(total / count + epsilon));
+    const float m = shift[g * dm.cg];
+    const float r = static_cast<float>(1.0 / std::sqrt(GroupTotal(sums.data(), g, dm.cg) / count + epsilon));
     mean[b * dm.groups + g0 + g] = m;
     rstd[b * dm.groups + g0 + g] = r;
     for (int64_t j = g * dm.cg; j < (g + 1) * dm.cg; ++j) {
@@ -464,12 +474,7 @@ void GroupNormBackwardItem(int64_t item, const NormDims& dm, const float* x, con
   s1.resize(len);
   s2.resize(len);
   float *block = Scratch(0, len), *ca = Scratch(1, len), *cb = Scratch(2, len), *cc = Scratch(3, len);
-  auto load = [&](const float* p, int64_t r, int64_t j) {
-    if (j + kLanes <= len) return Load(p + off + r * dm.c + j);
-    vf v{};
-    v[0] = p[off + r * dm.c + j];
-    return v;
-  };
+  auto load = [&](const float* p, int64_t r, int64_t j) { return LoadRun(p + off + r * dm.c, j, len); };
   ChannelSums(dm.n, len, [&](int64_t r, int64_t j) { return load(dy, r, j); }, s1.data(), block);
   ChannelSums(dm.n, len, [&](int64_t r, int64_t j) { return load(dy, r, j) * load(x, r, j); }, s2.data(), block);
   const double count = static_cast<double>(dm.n * dm.cg);
