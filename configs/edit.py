@@ -41,7 +41,10 @@ def get_config():
   config.text_guidance = 7.5  # g_text: instruction guidance scale
   config.image_guidance = 1.5  # g_image: input-image guidance scale
   config.seed = 0  # noise seed (batch: default for requests without one)
-  config.resolution = 512  # shorter side of the working size; a positive multiple of 64
+  config.resolution = 512  # R, a positive multiple of 64: the scale of the working size (see size_rule)
+  # release: the release's evaluation (SPEC section 4): longer side near R, shorter side rounded up
+  # to a multiple of 64 (1536x1024 -> 576x384); short_side: the paper's text, shorter side R (768x512).
+  config.size_rule = "release"
 
   # Reward condition: the best by default (SPEC section 4).
   config.scores = (5.0, 5.0, 5.0)  # following, preserving, quality; each in [0, 5]

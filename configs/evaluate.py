@@ -36,7 +36,8 @@ def get_config():
   config.edit.text_guidance = 7.5  # g_text
   config.edit.image_guidance = 1.5  # g_image
   config.edit.seed = 0  # noise seed
-  config.edit.resolution = 512  # shorter side of the working size; a multiple of 64
+  config.edit.resolution = 512  # R, a multiple of 64: the scale of the working size (see size_rule)
+  config.edit.size_rule = "release"  # release: longer side near R, shorter rounded up to 64s | short_side: shorter R
   config.edit.scores = (5.0, 5.0, 5.0)  # reward condition: following, preserving, quality
   config.edit.reward_text = "None; None; None"  # reward condition: failure texts
   config.judge = judge.judge_config()

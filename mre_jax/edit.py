@@ -7,10 +7,13 @@ python main.py --config=configs/edit.py --config.checkpoint=DIR --config.request
 ```
 
 `load_editor` reads a project checkpoint (EMA params by default) or a diffusers-format folder
-(e.g. the release's stage-2 folder). Images are prepared as the release's evaluation does: any
-mode -> RGB, shorter side scaled to `resolution` (512), both sides rounded to multiples of 64,
-Lanczos resampling; the result is resized back to the input's aspect ratio (shorter side
-`resolution`). Outputs are written to a temporary sibling file and renamed into place, so a
+(e.g. the release's stage-2 folder). Images are prepared as the release's evaluation does (SPEC
+section 4, `size_rule="release"`): any mode -> RGB, scaled so that the longer side is near
+`resolution` (512) with the shorter side rounded up to a multiple of 64, the longer one down,
+and fitted (Lanczos, centre crop) to that size; a 1536x1024 photo is edited at 576x384. The
+paper's rule, `size_rule="short_side"`, scales the shorter side to `resolution` and rounds both
+to the nearest multiple of 64 (768x512). The result is resized to the input's aspect ratio at
+the same scale. Outputs are written to a temporary sibling file and renamed into place, so a
 failed edit never leaves a partial file.
 """
 
@@ -38,6 +41,7 @@ DEFAULT_SCORES = (5.0, 5.0, 5.0)  # following, preserving, quality: the best (SP
 DEFAULT_REWARD_TEXT = "None; None; None"
 MAX_SCORE = 5.0
 SIZE_MULTIPLE = 64
+SIZE_RULES = ("release", "short_side")  # working size: the release's evaluation, or the paper's text
 
 
 # ----------------------------------------------------------------------------- the editor
@@ -177,29 +181,60 @@ def sampler(editor: Editor, steps: int, scheduler: str):
 # ----------------------------------------------------------------------------- images
 
 
-def working_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-  """(width, height) the model sees: shorter side -> resolution, both rounded to multiples of 64."""
-  scale = resolution / min(size)
-  return tuple(max(SIZE_MULTIPLE, int(s * scale / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE) for s in size)
+def check_size_rule(value: Any, field: str) -> str:
+  if value not in SIZE_RULES:
+    raise ConfigError(f"{field}={value!r}: expected one of {', '.join(SIZE_RULES)}")
+  return value
 
 
-def output_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-  """(width, height) of the result: the input's aspect ratio with the shorter side at resolution."""
-  scale = resolution / min(size)
-  return tuple(max(1, int(s * scale + 0.5)) for s in size)
+def scale_factor(size: tuple[int, int], resolution: int, size_rule: str = "release") -> float:
+  """The factor from the input's (width, height) to the working scale.
 
-
-def prepare_image(image: Image.Image, resolution: int) -> np.ndarray:
-  """Any PIL image -> float32 [H, W, 3] in [-1, 1] at `working_size` (RGB).
-
-  Fitted as the release's evaluation fits it (`ImageOps.fit`, Lanczos): where rounding to
-  multiples of 64 changes the aspect ratio, the image is centre-cropped, not stretched.
+  release (SPEC section 4, in the release's float arithmetic): f = R / max(w, h), then
+  f = ceil(min(w, h) * f / 64) * 64 / min(w, h): the shorter side rounded up to a multiple of 64.
+  short_side: f = R / min(w, h).
   """
+  check_size_rule(size_rule, "size_rule")
+  short = min(size)
+  if size_rule == "short_side":
+    return resolution / short
+  factor = resolution / max(size)
+  return math.ceil(short * factor / SIZE_MULTIPLE) * SIZE_MULTIPLE / short
+
+
+def working_size(size: tuple[int, int], resolution: int, size_rule: str = "release") -> tuple[int, int]:
+  """(width, height) the model sees, multiples of 64 (at least 64).
+
+  release: each side floor(side * f / 64) * 64, exactly as the release computes it (so where
+  float rounding puts side * f just under a multiple of 64, that side loses 64, as there);
+  short_side: each side rounded to the nearest multiple of 64.
+  """
+  factor = scale_factor(size, resolution, size_rule)
+  if size_rule == "release":
+    sides = (int((s * factor) // SIZE_MULTIPLE) * SIZE_MULTIPLE for s in size)
+  else:
+    sides = (int(s * factor / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE for s in size)
+  return tuple(max(SIZE_MULTIPLE, s) for s in sides)
+
+
+def output_size(size: tuple[int, int], resolution: int, size_rule: str = "release") -> tuple[int, int]:
+  """(width, height) of the result: the input's aspect ratio at the working scale (round(side * f))."""
+  factor = scale_factor(size, resolution, size_rule)
+  return tuple(max(1, int(s * factor + 0.5)) for s in size)
+
+
+def fit_image(image: Image.Image, resolution: int, size_rule: str = "release") -> Image.Image:
+  """Any PIL image -> RGB at `working_size`, fitted as the release's evaluation fits it
+  (`ImageOps.fit`, Lanczos): where the multiples of 64 change the aspect ratio, the image is
+  centre-cropped, not stretched."""
   rgb = to_rgb(image)
-  size = working_size(rgb.size, resolution)
-  if rgb.size != size:
-    rgb = ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS)
-  return np.asarray(rgb, np.float32) / 127.5 - 1.0
+  size = working_size(rgb.size, resolution, size_rule)
+  return rgb if rgb.size == size else ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS)
+
+
+def prepare_image(image: Image.Image, resolution: int, size_rule: str = "release") -> np.ndarray:
+  """Any PIL image -> float32 [H, W, 3] in [-1, 1] at `working_size` (`fit_image`)."""
+  return np.asarray(fit_image(image, resolution, size_rule), np.float32) / 127.5 - 1.0
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -224,16 +259,16 @@ def to_image(array: np.ndarray, size: tuple[int, int]) -> Image.Image:
 
 
 def edit_images(editor: Editor, images: Sequence[Image.Image], instructions: Sequence[str], *,
-                resolution: int = 512, **kwargs) -> list[Image.Image]:
+                resolution: int = 512, size_rule: str = "release", **kwargs) -> list[Image.Image]:
   """Edits PIL images whose working sizes agree; returns PIL RGB images at `output_size`.
 
   kwargs: those of `edit_arrays` (seeds required).
   """
-  pixels = [prepare_image(image, resolution) for image in images]
+  pixels = [prepare_image(image, resolution, size_rule) for image in images]
   if len({p.shape for p in pixels}) > 1:
     raise ValueError(f"edit_images: one batch needs one working size, got {sorted({p.shape for p in pixels})}")
   out = edit_arrays(editor, np.stack(pixels), instructions, **kwargs)
-  return [to_image(o, output_size(image.size, resolution)) for o, image in zip(out, images)]
+  return [to_image(o, output_size(image.size, resolution, size_rule)) for o, image in zip(out, images)]
 
 
 def read_image(path: str | os.PathLike, field: str) -> Image.Image:
@@ -328,6 +363,7 @@ class Settings:
   text_guidance: float
   image_guidance: float
   resolution: int
+  size_rule: str
   scores: tuple[float, float, float]
   reward_text: str
   seed: int
@@ -341,6 +377,7 @@ def check_config(config) -> Settings:
     raise ConfigError(f"config.steps={steps!r}: expected an integer >= 1")
   if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1 or resolution % SIZE_MULTIPLE:
     raise ConfigError(f"config.resolution={resolution!r}: expected a positive multiple of {SIZE_MULTIPLE}")
+  check_size_rule(config.size_rule, "config.size_rule")
   if config.scheduler not in sampling.SCHEDULERS:
     raise ConfigError(f"config.scheduler={config.scheduler!r}: expected one of {', '.join(sampling.SCHEDULERS)}")
   if config.dtype not in sampling.DTYPES:
@@ -353,7 +390,7 @@ def check_config(config) -> Settings:
   if not isinstance(config.reward_text, str):
     raise ConfigError(f"config.reward_text={config.reward_text!r}: expected a string")
   return Settings(steps, config.scheduler, float(config.text_guidance), float(config.image_guidance), resolution,
-                  check_scores(config.scores, "config.scores"), config.reward_text,
+                  config.size_rule, check_scores(config.scores, "config.scores"), config.reward_text,
                   check_seed(config.seed, "config.seed"))
 
 
@@ -394,7 +431,8 @@ def _edit_single(config, settings: Settings) -> dict:
   with tqdm(total=settings.steps, desc="edit", unit="step") as bar:
     sampling.set_progress_bar(bar)
     try:
-      [result] = edit_images(editor, [image], [instruction], resolution=settings.resolution, seeds=[settings.seed],
+      [result] = edit_images(editor, [image], [instruction], resolution=settings.resolution,
+                             size_rule=settings.size_rule, seeds=[settings.seed],
                              scores=[settings.scores], reward_texts=[settings.reward_text], **_sampler_kwargs(settings))
     finally:
       sampling.set_progress_bar(None)
@@ -489,7 +527,7 @@ def _prepare_request(request: _Request, line: str, base: Path, out_dir: Path, co
     raise ConfigError(f"reward_text={request.record['reward_text']!r}: expected a string")
   check_output_path(output, "output", config.overwrite)
   request.image = read_image(image_path, "image")
-  request.pixels = prepare_image(request.image, settings.resolution)
+  request.pixels = prepare_image(request.image, settings.resolution, settings.size_rule)
 
 
 def _batches(requests: list[_Request], batch_size: int) -> list[list[_Request]]:
@@ -524,7 +562,8 @@ def _run_batch(editor: Editor, group: list[_Request], settings: Settings, batch_
       r.fail("non-finite values (NaN/inf) in the decoded image; with dtype=bfloat16 try float32")
       continue
     try:
-      save_image_atomic(to_image(array, output_size(r.image.size, settings.resolution)), Path(r.record["output"]))
+      size = output_size(r.image.size, settings.resolution, settings.size_rule)
+      save_image_atomic(to_image(array, size), Path(r.record["output"]))
       r.record["seconds"] = round(seconds, 3)
     except (ValueError, OSError) as e:
       r.fail(f"cannot write output: {e}")
@@ -537,13 +576,14 @@ def make_edit_fn(config) -> Callable[[Sequence[Image.Image], Sequence[str]], lis
   configured sampler, seed and reward condition.
   """
   opts = config.edit
+  size_rule = check_size_rule(opts.size_rule, "config.edit.size_rule")
   editor = load_editor(require(config, "checkpoint"), step=opts.step, use_ema=opts.use_ema, dtype=opts.dtype)
   scores = check_scores(opts.scores, "config.edit.scores")
 
   def edit_fn(images, instructions):
     n = len(instructions)
     return edit_images(editor, [to_rgb(im) for im in images], list(instructions), resolution=opts.resolution,
-                       seeds=[opts.seed] * n, scores=[scores] * n, reward_texts=[opts.reward_text] * n,
+                       size_rule=size_rule, seeds=[opts.seed] * n, scores=[scores] * n, reward_texts=[opts.reward_text] * n,
                        steps=opts.steps, scheduler=opts.scheduler, text_guidance=opts.text_guidance,
                        image_guidance=opts.image_guidance)
   return edit_fn

@@ -1,6 +1,7 @@
 """The edit job and Editor: image preparation, loading, single and batch edits, bad inputs, the CLI."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from PIL import Image
 
 from configs import convert as convert_config
 from configs import edit as edit_config
+from configs import evaluate as evaluate_config
 from mre_jax import edit, export, sampling
 from mre_jax.errors import ConfigError
 
@@ -45,13 +47,51 @@ def _files(folder):
   return sorted(p.name for p in Path(folder).iterdir())
 
 
-def test_working_and_output_sizes():
-  assert edit.working_size((512, 512), 512) == (512, 512)
-  assert edit.working_size((1000, 750), 512) == (704, 512)  # 682.7 -> 704
-  assert edit.working_size((300, 700), 512) == (512, 1216)  # 1194.7 -> 1216
-  assert edit.working_size((20, 10), 64) == (128, 64)
-  assert edit.output_size((1000, 750), 512) == (683, 512)  # the input's aspect ratio
-  assert edit.output_size((300, 700), 512) == (512, 1195)
+def spec_release_size(w, h, r):
+  """SPEC section 4's formula, written out here (not the code's): ((W, H), f)."""
+  f = r / max(w, h)
+  f = math.ceil(min(w, h) * f / 64) * 64 / min(w, h)
+  return (math.floor(w * f / 64) * 64, math.floor(h * f / 64) * 64), f
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((777, 777), (512, 512)),  # square
+    ((1533, 1022), (576, 384)),  # 3:2
+    ((1022, 1533), (384, 576)),  # 2:3
+    ((1020, 765), (512, 384)),  # 4:3
+    ((1392, 783), (512, 320)),  # 16:9
+    ((707, 505), (512, 384)),  # 7:5
+    ((1536, 1024), (576, 384)),  # SPEC's example
+    ((99, 67), (64, 64)),  # small, resolution 64 below
+])
+def test_release_working_size_is_the_default(size, expected):
+  r = 64 if max(size) < 100 else 512
+  (w, h), f = spec_release_size(*size, r)
+  assert (w, h) == expected
+  assert edit.working_size(size, r) == edit.working_size(size, r, "release") == (w, h)
+  assert min(w, h) == math.ceil(min(size) * r / max(size) / 64) * 64  # shorter side rounded up
+  out = edit.output_size(size, r)
+  assert out == (round(size[0] * f), round(size[1] * f))  # the input's aspect ratio, same scale
+  assert abs(out[0] / out[1] - size[0] / size[1]) < 1.0 / min(out)
+
+
+def test_release_working_size_keeps_the_release_float_arithmetic():
+  # 98 * (512 / 98) is just under 512 in floats, so the release edits a 98x98 photo at 448x448.
+  assert spec_release_size(98, 98, 512)[0] == (448, 448) == edit.working_size((98, 98), 512)
+  assert edit.working_size((60, 60), 64) == (64, 64)  # never under 64
+
+
+def test_short_side_rule_working_and_output_sizes():
+  ss = "short_side"
+  assert edit.working_size((512, 512), 512, ss) == (512, 512)
+  assert edit.working_size((1000, 750), 512, ss) == (704, 512)  # 682.7 -> 704
+  assert edit.working_size((300, 700), 512, ss) == (512, 1216)  # 1194.7 -> 1216
+  assert edit.working_size((20, 10), 64, ss) == (128, 64)
+  assert edit.working_size((1536, 1024), 512, ss) == (768, 512)
+  assert edit.output_size((1000, 750), 512, ss) == (683, 512)  # the input's aspect ratio
+  assert edit.output_size((300, 700), 512, ss) == (512, 1195)
+  with pytest.raises(ConfigError, match="size_rule='paper': expected one of release, short_side"):
+    edit.working_size((10, 10), 64, "paper")
 
 
 def test_prepare_image_crops_to_the_rounded_aspect_ratio_instead_of_stretching():
@@ -69,7 +109,8 @@ def test_prepare_image_crops_to_the_rounded_aspect_ratio_instead_of_stretching()
 def test_prepare_image_any_mode(mode):
   image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)).convert(mode)
   pixels = edit.prepare_image(image, 64)
-  assert pixels.shape == (64, 128, 3) and pixels.dtype == np.float32
+  assert pixels.shape == (64, 64, 3) and pixels.dtype == np.float32  # 50x30: release size 64x64
+  assert edit.prepare_image(image, 64, "short_side").shape == (64, 128, 3)
   assert -1.0 <= pixels.min() and pixels.max() <= 1.0
   transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
   assert edit.to_rgb(transparent).getpixel((0, 0)) == (255, 255, 255)  # over white, not black
@@ -94,7 +135,7 @@ def test_second_edit_of_the_same_size_does_not_recompile(checkpoint, photo, tmp_
   for i, seed in enumerate((1, 2)):
     edit.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / f"{i}.png"), seed=seed,
                       scores=(3.0, 4.0, 5.0), text_guidance=5.0 + i))
-    key = ("euler_ancestral", STEPS, (1, 64, 128, 3))  # 96x64 -> working size 128x64
+    key = ("euler_ancestral", STEPS, (1, 64, 64, 3))  # 96x64 -> working size 64x64 (release, R=64)
     before = sampling.TRACES[key] if before is None else before
   assert sampling.TRACES[key] == before == 1
   assert not np.array_equal(np.asarray(Image.open(tmp_path / "0.png")), np.asarray(Image.open(tmp_path / "1.png")))
@@ -111,6 +152,7 @@ def test_second_edit_of_the_same_size_does_not_recompile(checkpoint, photo, tmp_
     (dict(resolution=100), ConfigError, r"config.resolution=100: expected a positive multiple of 64"),
     (dict(resolution=0), ConfigError, r"config.resolution=0"),
     (dict(scheduler="plms"), ConfigError, r"config.scheduler='plms'"),
+    (dict(size_rule="longer"), ConfigError, r"config.size_rule='longer': expected one of release, short_side"),
     (dict(output="nowhere/out.png"), FileNotFoundError, r"config.output=.*nowhere/out.png: folder .* does not exist"),
     (dict(output="out.gif2"), ConfigError, r"config.output=.*out.gif2: unknown image extension"),
     (dict(checkpoint=""), ConfigError, r"config.checkpoint is required"),
@@ -145,6 +187,28 @@ def test_unwritable_output_folder_and_failed_sampling_leave_nothing(checkpoint, 
   with pytest.raises(sampling.NonFiniteError, match="non-finite"):
     edit.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / "out.png")))
   assert _files(tmp_path) == ["photo.jpg"]
+
+
+@pytest.mark.parametrize("rule, working", [("release", (64, 64)), ("short_side", (64, 128))])
+def test_size_rule_reaches_single_batch_and_evaluation_edits(rule, working, checkpoint, photo, tmp_path, monkeypatch):
+  """The rule sets the sampler's input size in every path; outputs keep the photo's 96x64."""
+  shapes = []
+
+  def fake_edit(editor, pixels, instructions, **kwargs):
+    shapes.append(pixels.shape)
+    return np.full(pixels.shape, 0.5, np.float32)
+  monkeypatch.setattr(edit, "edit_arrays", fake_edit)
+  monkeypatch.setattr(edit, "sample_arrays", lambda *a, **k: (fake_edit(*a, **k), np.ones(len(a[1]), bool)))
+  edit.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / "one.png"), size_rule=rule))
+  (tmp_path / "r.jsonl").write_text(json.dumps({"image": "photo.jpg", "instruction": "x"}) + "\n")
+  edit.edit(_config(checkpoint, requests=str(tmp_path / "r.jsonl"), size_rule=rule))
+  config = evaluate_config.get_config()
+  config.checkpoint, config.edit.resolution = str(checkpoint), RES
+  assert config.edit.size_rule == "release"
+  config.edit.size_rule = rule
+  [out] = edit.make_edit_fn(config)([Image.open(photo)], ["x"])
+  assert shapes == [(1, *working, 3)] * 3
+  assert Image.open(tmp_path / "one.png").size == Image.open(tmp_path / "edits" / "0001-photo.png").size == out.size == (96, 64)
 
 
 def test_batch_mode_reports_failures_and_runs_the_rest(checkpoint, photo, tmp_path):
