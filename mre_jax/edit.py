@@ -8,13 +8,13 @@ python main.py --config=configs/edit.py --config.checkpoint=DIR --config.request
 
 `load_editor` reads a project checkpoint (EMA params by default) or a diffusers-format folder
 (e.g. the release's stage-2 folder). Images are prepared as the release's evaluation does (SPEC
-section 4, `size_rule="release"`): any mode -> RGB, scaled so that the longer side is near
-`resolution` (512) with the shorter side rounded up to a multiple of 64, the longer one down,
-and fitted (Lanczos, centre crop) to that size; a 1536x1024 photo is edited at 576x384. The
-paper's rule, `size_rule="short_side"`, scales the shorter side to `resolution` and rounds both
-to the nearest multiple of 64 (768x512). The result is resized to the input's aspect ratio at
-the same scale. Outputs are written to a temporary sibling file and renamed into place, so a
-failed edit never leaves a partial file.
+section 4, `size_rule="release"`; sizes in mre_jax.sizes): any mode -> RGB, scaled so that the
+longer side is near `resolution` (512) with the shorter side rounded up to a multiple of 64,
+the longer one down, and fitted (Lanczos, centre crop) to that size; a 1536x1024 photo is
+edited at 576x384. The paper's rule, `size_rule="short_side"`, scales the shorter side to
+`resolution` and rounds both to the nearest multiple of 64 (768x512). The result is resized to
+the input's aspect ratio at the same scale. Outputs are written to a temporary sibling file and
+renamed into place, so a failed edit never leaves a partial file.
 """
 
 from __future__ import annotations
@@ -36,12 +36,11 @@ from tqdm import tqdm
 
 from mre_jax import checkpointing, export, models, pretrained, sampling
 from mre_jax.errors import ConfigError, require
+from mre_jax.sizes import SIZE_MULTIPLE, check_size_rule, fit_image, output_size, working_size
 
 DEFAULT_SCORES = (5.0, 5.0, 5.0)  # following, preserving, quality: the best (SPEC section 4)
 DEFAULT_REWARD_TEXT = "None; None; None"
 MAX_SCORE = 5.0
-SIZE_MULTIPLE = 64
-SIZE_RULES = ("release", "short_side")  # working size: the release's evaluation, or the paper's text
 
 
 # ----------------------------------------------------------------------------- the editor
@@ -181,60 +180,9 @@ def sampler(editor: Editor, steps: int, scheduler: str):
 # ----------------------------------------------------------------------------- images
 
 
-def check_size_rule(value: Any, field: str) -> str:
-  if value not in SIZE_RULES:
-    raise ConfigError(f"{field}={value!r}: expected one of {', '.join(SIZE_RULES)}")
-  return value
-
-
-def scale_factor(size: tuple[int, int], resolution: int, size_rule: str = "release") -> float:
-  """The factor from the input's (width, height) to the working scale.
-
-  release (SPEC section 4, in the release's float arithmetic): f = R / max(w, h), then
-  f = ceil(min(w, h) * f / 64) * 64 / min(w, h): the shorter side rounded up to a multiple of 64.
-  short_side: f = R / min(w, h).
-  """
-  check_size_rule(size_rule, "size_rule")
-  short = min(size)
-  if size_rule == "short_side":
-    return resolution / short
-  factor = resolution / max(size)
-  return math.ceil(short * factor / SIZE_MULTIPLE) * SIZE_MULTIPLE / short
-
-
-def working_size(size: tuple[int, int], resolution: int, size_rule: str = "release") -> tuple[int, int]:
-  """(width, height) the model sees, multiples of 64 (at least 64).
-
-  release: each side floor(side * f / 64) * 64, exactly as the release computes it (so where
-  float rounding puts side * f just under a multiple of 64, that side loses 64, as there);
-  short_side: each side rounded to the nearest multiple of 64.
-  """
-  factor = scale_factor(size, resolution, size_rule)
-  if size_rule == "release":
-    sides = (int((s * factor) // SIZE_MULTIPLE) * SIZE_MULTIPLE for s in size)
-  else:
-    sides = (int(s * factor / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE for s in size)
-  return tuple(max(SIZE_MULTIPLE, s) for s in sides)
-
-
-def output_size(size: tuple[int, int], resolution: int, size_rule: str = "release") -> tuple[int, int]:
-  """(width, height) of the result: the input's aspect ratio at the working scale (round(side * f))."""
-  factor = scale_factor(size, resolution, size_rule)
-  return tuple(max(1, int(s * factor + 0.5)) for s in size)
-
-
-def fit_image(image: Image.Image, resolution: int, size_rule: str = "release") -> Image.Image:
-  """Any PIL image -> RGB at `working_size`, fitted as the release's evaluation fits it
-  (`ImageOps.fit`, Lanczos): where the multiples of 64 change the aspect ratio, the image is
-  centre-cropped, not stretched."""
-  rgb = to_rgb(image)
-  size = working_size(rgb.size, resolution, size_rule)
-  return rgb if rgb.size == size else ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS)
-
-
 def prepare_image(image: Image.Image, resolution: int, size_rule: str = "release") -> np.ndarray:
-  """Any PIL image -> float32 [H, W, 3] in [-1, 1] at `working_size` (`fit_image`)."""
-  return np.asarray(fit_image(image, resolution, size_rule), np.float32) / 127.5 - 1.0
+  """Any PIL image -> float32 [H, W, 3] in [-1, 1] at `working_size` (RGB, `sizes.fit_image`)."""
+  return np.asarray(fit_image(to_rgb(image), resolution, size_rule), np.float32) / 127.5 - 1.0
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
