@@ -12,8 +12,11 @@ Each triplet is judged from the three perspectives, the judge also naming the fa
 points, and written as {<name>: [{"Score": s, "Negative Prompt": text, "seed": seed} x 3]}
 (following, preserving, quality; "None" when nothing is wrong) to <workdir>/<config.output>,
 atomically. Resumable twice over: names already in that file are skipped, and every paid
-answer is in <workdir>/judge_cache.jsonl. Names that could not be annotated are listed with
-their reason in <workdir>/failures.json; <workdir>/results.jsonl holds this run's judgments.
+answer is in <workdir>/judge_cache.jsonl. An answer that cannot be read is asked again
+(config.judge.max_tries), and a rerun asks again for those still unread
+(config.judge.rejudge_unparsed). Names that could not be annotated are listed with their
+reason in <workdir>/failures.json; <workdir>/results.jsonl holds this run's judgments, every
+try included; the summary line gives this run's re-ask figures.
 """
 
 from __future__ import annotations
@@ -184,7 +187,8 @@ def annotate(config, workdir: str) -> dict:
                           json.dumps(failed, indent=1, sort_keys=True))
   judge.write_jsonl_atomic(os.path.join(workdir, "results.jsonl"), results)
   print(f"annotated {len(done)} names this run ({len(output)} in {out_path}); failed: "
-        f"{len(failed)} (see failures.json)", flush=True)
+        f"{len(failed)} (see failures.json); {judge.reask_summary(judge.reask_counts(results))}",
+        flush=True)
   return output
 
 

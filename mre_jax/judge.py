@@ -15,10 +15,14 @@ Backends:
                     ground truth (mre_jax.synthetic.judge) and answers in the same dictionary
                     form, so the whole path (parsing, cache, tables) runs offline.
 
+An answer that cannot be read is asked again (the same request plus a reminder of the
+format), up to `max_tries` tries; every try and its raw text stay in the record.
+
 Every paid answer goes to an append-only JSONL cache keyed by (image hashes, instruction,
 perspective, model, prompt version), flushed and fsynced line by line, so an interrupted or
-repeated run never pays twice. The API key is read from the config or the environment and
-is never logged or written anywhere.
+repeated run never pays twice for a readable answer. Unreadable answers are kept there as
+tries, not as results: a rerun asks again for what is still unparsed. The API key is read
+from the config or the environment and is never logged or written anywhere.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from mre_jax import synthetic
 from mre_jax.errors import ConfigError
 
 PERSPECTIVES = ("following", "preserving", "quality")
-# ok: parsed answer; unparsed: the model answered but not in the asked form (raw kept);
+# ok: parsed answer; unparsed: the model answered, but no try was in the asked form (raws kept);
 # failed: no answer (errors, retries spent); budget_exhausted: not sent, the run's request
 # budget was spent; no_edit: nothing to judge (unreadable photo or edit, bad listing entry).
 STATUSES = ("ok", "unparsed", "failed", "budget_exhausted", "no_edit")
@@ -92,10 +96,22 @@ _FAILURE = (", 'failure': a short phrase naming what is wrong from this perspect
             "example 'the dog is still brown'), or 'None' if nothing is wrong")
 
 
+# Added to a re-ask (second try on) as its own text part; the prompt itself, and so the cache
+# key and PROMPT_VERSION, stay those of the first try.
+# It names the keys but gives no example values, which could anchor the judge's scores.
+REMINDER = "Reminder: reply with only the Python dictionary asked for above, {'verdict': ..., 'score': ..."
+_REMINDER_FAILURE = ", 'failure': ..."
+
+
 def build_prompt(perspective: str, instruction: str, describe: bool = False) -> str:
   """The user text for one perspective; `describe` also asks for the failure points."""
   task = _TASKS[perspective].replace("{instruction}", instruction)
   return f"{task}\n{_ANSWER}{_FAILURE if describe else ''}}}"
+
+
+def build_reminder(describe: bool = False) -> str:
+  """The format reminder sent with every re-ask of an unreadable answer."""
+  return f"{REMINDER}{_REMINDER_FAILURE if describe else ''}}}, and no other text."
 
 
 def uses_original(perspective: str) -> bool:
@@ -242,6 +258,25 @@ def parse_answer(text: str | None, describe: bool = False):
   return None, reason
 
 
+# The release's reading (its eval.py): "yes" anywhere in the text (case-sensitive), the score
+# the first "'score': <digits>.<digits>" (an integer such as 4 does not match), no range check.
+_RELEASE_SCORE = re.compile(r"'score': (\d+\.\d+)")
+
+
+def parse_answer_release(text: str | None):
+  """Reads an answer as the release does: (fields, None) or (None, reason).
+
+  `fields` holds `verdict` ("yes" when the substring "yes" occurs anywhere in the text, else
+  "no") and `score` (the first `'score': <float>`). Only a missing score makes it unreadable.
+  """
+  if not isinstance(text, str):
+    return None, "no answer"
+  match = _RELEASE_SCORE.search(text)
+  if match is None:
+    return None, "no 'score': <float> in the answer"
+  return {"verdict": "yes" if "yes" in text else "no", "score": float(match.group(1))}, None
+
+
 # ------------------------------------------------------------------------------ images
 
 def image_hash(img: np.ndarray | None) -> str | None:
@@ -268,12 +303,15 @@ def to_data_url(img: np.ndarray, max_side: int = 0, quality: int = 90) -> str:
 
 @dataclasses.dataclass
 class Query:
-  """What a backend judges: uint8 [H, W, 3] images (edited may differ in size)."""
+  """What a backend judges: uint8 [H, W, 3] images (edited may differ in size).
+
+  `reminder`: a re-ask, sent with the format reminder (not part of the cache key)."""
   perspective: str
   instruction: str
   original: np.ndarray
   edited: np.ndarray
   describe: bool = False
+  reminder: bool = False
 
 
 @dataclasses.dataclass
@@ -433,7 +471,8 @@ def judge_config() -> ml_collections.ConfigDict:
   c.temperature = 0.0
   c.max_tokens = 300  # max_completion_tokens of an answer
   c.cache = ""  # JSONL cache path; "" -> <workdir>/judge_cache.jsonl
-  c.rejudge_unparsed = False  # ask again (and pay) for cached answers that did not parse
+  c.max_tries = 3  # asks per answer while it cannot be read (re-asks add a format reminder); 1: no re-ask
+  c.rejudge_unparsed = True  # a rerun re-asks cached answers still unreadable (max_tries more); False: keep them
   c.truth = ""  # synthetic backend: the truth index JSON (see write_truth_index)
   c.yes_threshold = 4.0  # synthetic backend: verdict "yes" when the score reaches this
   return c
@@ -492,6 +531,8 @@ class OpenAIBackend:
                for img in images]
     content.append({"type": "text", "text": build_prompt(query.perspective, query.instruction,
                                                          query.describe)})
+    if query.reminder:
+      content.append({"type": "text", "text": build_reminder(query.describe)})
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
   def answer(self, query: Query, budget: Budget):
@@ -564,6 +605,9 @@ class SyntheticBackend:
 
   name = "synthetic"
   model = "synthetic-exact"
+  # It finds the truth by the original's pixels and compares at the truth's size, so callers
+  # send the photo and the edit as they are, not resized as for a VLM.
+  needs_source_images = True
 
   def __init__(self, truth_path: str, yes_threshold: float = 4.0):
     index = records.load_source_json(truth_path, "judge", "the synthetic truth index")
@@ -591,8 +635,16 @@ class SyntheticBackend:
     return repr(answer), 1, None
 
 
+def check_config(cfg) -> None:
+  """The judge fields a backend does not read itself (ConfigError naming field and value)."""
+  tries = cfg.max_tries
+  if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
+    raise ConfigError(f"config.judge.max_tries={tries!r}: expected an integer >= 1 (1: never re-ask)")
+
+
 def make_backend(cfg):
   """The backend config.judge names."""
+  check_config(cfg)
   if cfg.backend == "openai":
     return OpenAIBackend(cfg)
   if cfg.backend == "synthetic":
@@ -609,12 +661,40 @@ def _base_record(backend, request: Request) -> dict:
           "instruction": request.instruction, "prompt_version": PROMPT_VERSION,
           "model": backend.model, "backend": backend.name, "status": None, "verdict": None,
           "score": None, "failure": None, "raw": None, "error": None, "attempts": 0,
-          "latency_s": None, "usage_tokens": None, "cached": False}
+          "latency_s": None, "usage_tokens": None, "cached": False, "tries": [], "reasks": 0}
+
+
+def _cached_tries(hit) -> list:
+  """The tries of a cached judgment (one, for entries written before re-asks existed)."""
+  if hit is None:
+    return []
+  if isinstance(hit.get("tries"), list):
+    return list(hit["tries"])
+  return [{"raw": hit.get("raw"), "error": hit.get("error"), "reminder": False,
+           "requests": hit.get("attempts"), "latency_s": hit.get("latency_s"),
+           "usage_tokens": hit.get("usage_tokens")}]
+
+
+def _judgment(backend, fields, tries: list) -> dict:
+  """What the cache keeps: the last try's reading, with every try (raw text) before it."""
+  usage = [t["usage_tokens"] for t in tries if t.get("usage_tokens") is not None]
+  return {"status": "ok" if fields else "unparsed", "verdict": None, "score": None,
+          **(fields or {}), "raw": tries[-1]["raw"], "error": tries[-1]["error"],
+          "tries": tries, "attempts": sum(t.get("requests") or 0 for t in tries),
+          "latency_s": round(sum(t.get("latency_s") or 0.0 for t in tries), 4),
+          "usage_tokens": sum(usage) if usage else None,
+          "model": backend.model, "prompt_version": PROMPT_VERSION}
 
 
 def judge_one(backend, request: Request, cache: JudgmentCache, budget: Budget,
-              rejudge_unparsed: bool = False) -> dict:
-  """One result record: a cached answer, a new (cached) answer, or a failure."""
+              rejudge_unparsed: bool = True, max_tries: int = 3) -> dict:
+  """One result record: a cached answer, a new (cached) answer, or a failure.
+
+  An answer that does not parse is asked again, with the format reminder, until one parses or
+  `max_tries` tries were made in this call; each try is cached as it comes. A cached unparsed
+  answer is asked again (max_tries more) when `rejudge_unparsed`, else returned as it is.
+  The record's `tries` lists every try (across runs), `reasks` counts those sent in this call.
+  """
   record = _base_record(backend, request)
   try:
     original, edited = request.load_fn()
@@ -623,32 +703,44 @@ def judge_one(backend, request: Request, cache: JudgmentCache, budget: Budget,
   query = Query(request.perspective, request.instruction, original, edited, request.describe)
   key = cache_key(query, backend.model)
   hit = cache.get(key)
-  if hit is not None and not (rejudge_unparsed and hit.get("status") == "unparsed"):
+  if hit is not None and (hit.get("status") == "ok" or not rejudge_unparsed):
     return {**record, **hit, "cached": True}
-  start = time.monotonic()
-  try:
-    text, attempts, usage = backend.answer(query, budget)
-  except JudgeFailure as e:
-    return {**record, "status": e.status, "error": e.message, "attempts": e.attempts,
+  tries, judgment, stop, reasks = _cached_tries(hit), hit, None, 0
+  for _ in range(max_tries):
+    reminder = bool(tries)
+    start = time.monotonic()
+    try:
+      text, requests, usage = backend.answer(dataclasses.replace(query, reminder=reminder), budget)
+    except JudgeFailure as e:
+      stop = e
+      break
+    fields, reason = parse_answer(text, request.describe)
+    tries.append({"raw": text, "error": reason, "reminder": reminder, "requests": requests,
+                  "latency_s": round(time.monotonic() - start, 4), "usage_tokens": usage})
+    reasks += reminder
+    judgment = _judgment(backend, fields, tries)
+    cache.put(key, judgment)
+    if fields:
+      break
+  if judgment is None:  # Not one answer: the request failed or was not sent.
+    return {**record, "status": stop.status, "error": stop.message, "attempts": stop.attempts,
             "latency_s": round(time.monotonic() - start, 4), "cached": False}
-  fields, reason = parse_answer(text, request.describe)
-  judgment = {"status": "ok" if fields else "unparsed", "verdict": None, "score": None,
-              **(fields or {}), "raw": text, "error": reason, "attempts": attempts,
-              "latency_s": round(time.monotonic() - start, 4), "usage_tokens": usage,
-              "model": backend.model, "prompt_version": PROMPT_VERSION}
-  cache.put(key, judgment)
-  return {**record, **judgment, "cached": False}
+  result = {**record, **judgment, "cached": judgment is hit, "reasks": reasks}
+  if stop is not None:  # Unparsed, and the next try got no answer.
+    result.update(error=f"{judgment['error']}; then no answer to the re-ask: {stop.message}",
+                  attempts=judgment["attempts"] + stop.attempts)
+  return result
 
 
 def judge_all(backend, requests: list, cache: JudgmentCache, *, concurrency: int = 4,
-              budget: Budget | None = None, rejudge_unparsed: bool = False,
+              budget: Budget | None = None, rejudge_unparsed: bool = True, max_tries: int = 3,
               log_every: int = 50) -> list:
   """Judges `requests` with up to `concurrency` in flight; records in request order."""
   budget = budget or Budget(0)
   results = [None] * len(requests)
   pool = futures.ThreadPoolExecutor(max_workers=max(1, int(concurrency)))
   try:
-    jobs = {pool.submit(judge_one, backend, r, cache, budget, rejudge_unparsed): i
+    jobs = {pool.submit(judge_one, backend, r, cache, budget, rejudge_unparsed, max_tries): i
             for i, r in enumerate(requests)}
     for done, job in enumerate(futures.as_completed(jobs), 1):
       results[jobs[job]] = job.result()
@@ -662,13 +754,29 @@ def judge_all(backend, requests: list, cache: JudgmentCache, *, concurrency: int
 
 def judge_with_config(cfg, workdir: str, requests: list, backend=None) -> list:
   """Judges `requests` as config.judge says, through its cache (default in `workdir`)."""
+  check_config(cfg)
   backend = backend or make_backend(cfg)
   budget = Budget(cfg.max_requests)
   with JudgmentCache(cfg.cache or os.path.join(workdir, "judge_cache.jsonl")) as cache:
     results = judge_all(backend, requests, cache, concurrency=cfg.concurrency, budget=budget,
-                        rejudge_unparsed=cfg.rejudge_unparsed)
-  logging.info("requests sent: %d; judgments by status: %s", budget.used, status_counts(results))
+                        rejudge_unparsed=cfg.rejudge_unparsed, max_tries=cfg.max_tries)
+  logging.info("requests sent: %d; judgments by status: %s; %s", budget.used,
+               status_counts(results), reask_summary(reask_counts(results)))
   return results
+
+
+def reask_counts(results) -> dict:
+  """This run's re-ask figures: answers re-asked (off-format at first), re-asks sent, those
+  re-asked answers that then parsed, and answers still unparsed."""
+  return {"reasked": sum(bool(r.get("reasks")) for r in results),
+          "reasks": sum(r.get("reasks") or 0 for r in results),
+          "recovered": sum(bool(r.get("reasks")) and r["status"] == "ok" for r in results),
+          "unparsed": sum(r["status"] == "unparsed" for r in results)}
+
+
+def reask_summary(counts: dict) -> str:
+  return (f"answers re-asked this run (off-format): {counts['reasked']} ({counts['reasks']} "
+          f"re-asks), {counts['recovered']} of them then read; still unparsed: {counts['unparsed']}")
 
 
 def status_counts(results) -> dict:

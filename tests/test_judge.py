@@ -34,6 +34,7 @@ class Reply:
   status: int = 200
   headers: dict = dataclasses.field(default_factory=dict)
   delay: float = 0.0  # seconds before answering (bounded; released when the server closes)
+  message: str = ""  # error message of an HTTP error ("" -> "scripted <status>")
 
 
 def user_text(body: dict) -> str:
@@ -44,6 +45,25 @@ def user_text(body: dict) -> str:
 def perspective_of(body: dict) -> str:
   text = user_text(body)
   return next(p for p, title in judge.TITLES.items() if title in text)
+
+
+def is_reask(body: dict) -> bool:
+  """Whether the request carries the format reminder of a re-ask."""
+  return judge.REMINDER in user_text(body)
+
+
+def without_reminder(body: dict) -> dict:
+  """The request with the reminder's text part taken out (what the first try sent)."""
+  out = json.loads(json.dumps(body))
+  for m in out["messages"]:
+    if isinstance(m["content"], list):
+      m["content"] = [p for p in m["content"] if not (p["type"] == "text" and judge.REMINDER in p["text"])]
+  return out
+
+
+def ask_key(body: dict) -> tuple:
+  """(perspective, instruction, edited image's hash): which answer a request asks for."""
+  return perspective_of(body), instruction_of(body), judge.image_hash(images_of(body)[-1])
 
 
 def instruction_of(body: dict) -> str | None:
@@ -126,7 +146,7 @@ class FakeOpenAI:
           if reply.delay:
             fake._closing.wait(min(reply.delay, 5.0))
           if reply.status != 200:
-            self._send(reply.status, {"error": {"message": f"scripted {reply.status}",
+            self._send(reply.status, {"error": {"message": reply.message or f"scripted {reply.status}",
                                                 "type": "test"}}, reply.headers)
           else:
             self._send(200, completion(body, reply.content), reply.headers)
@@ -189,7 +209,7 @@ def run(cfg, requests, cache_path):
   with judge.JudgmentCache(str(cache_path)) as cache:
     return judge.judge_all(backend, requests, cache, concurrency=cfg.concurrency,
                            budget=judge.Budget(cfg.max_requests),
-                           rejudge_unparsed=cfg.rejudge_unparsed)
+                           rejudge_unparsed=cfg.rejudge_unparsed, max_tries=cfg.max_tries)
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -215,6 +235,22 @@ def test_parse_answer_reads_dicts_in_any_dress(text, verdict, score):
 def test_parse_answer_refuses_what_it_cannot_read(text):
   fields, reason = judge.parse_answer(text)
   assert fields is None and reason
+
+
+@pytest.mark.parametrize("text, fields", [
+    ("{'verdict': 'yes', 'score': 4.5}", {"verdict": "yes", "score": 4.5}),
+    ("{'verdict': 'no', 'score': 3.0} (a yes would need a bluer sky)", {"verdict": "yes", "score": 3.0}),
+    ("{'verdict': 'Yes', 'score': 4.0}", {"verdict": "no", "score": 4.0}),  # the substring is lower case
+    ("I rate it 'score': 2.5, then 'score': 4.5.", {"verdict": "no", "score": 2.5}),  # the first one
+    ("{'following': 'yes', 'score': 7.5}", {"verdict": "yes", "score": 7.5}),  # no range check
+    ("{'verdict': 'yes', 'score': 4}", None),  # an integer is not <digits>.<digits>
+    ('{"verdict": "yes", "score": 4.5}', None),  # double quotes
+    ("{'verdict': 'yes', 'score':4.5}", None),  # no space
+    ("yes", None), ("", None), (None, None),
+])
+def test_parse_answer_release_reads_as_the_release_does(text, fields):
+  got, reason = judge.parse_answer_release(text)
+  assert got == fields and (reason is None) == (fields is not None)
 
 
 def test_parse_answer_failure_descriptions():
@@ -284,17 +320,107 @@ def test_answers_messages_and_cache(tmp_path):
   assert KEY not in (tmp_path / "cache.jsonl").read_text()
 
 
-def test_malformed_answer_is_unparsed_not_zero(tmp_path):
-  with FakeOpenAI(fixed("The edit looks mostly fine, I would say four.")) as server:
+GARBLED = "The edit looks mostly fine, I would say four."
+
+
+def test_off_format_first_tries_are_reasked_with_a_reminder(tmp_path):
+  """Every first try is off-format, item 1's following also its second: all end judged."""
+  seen = {}
+
+  def reply(body, n):
+    key = ask_key(body)
+    seen[key] = seen.get(key, 0) + 1
+    late = key[:2] == ("following", "make thing 1 red") and seen[key] == 2
+    assert is_reask(body) == (seen[key] > 1)
+    return Reply(GARBLED if seen[key] == 1 or late else "{'verdict': 'yes', 'score': 3.5}")
+  with FakeOpenAI(reply) as server:
     cfg = judge_cfg(server.url)
+    results = run(cfg, requests_for(2), tmp_path / "c.jsonl")
+    assert server.count == 13
+    for r in results:
+      tries = r["tries"]
+      assert r["status"] == "ok" and r["score"] == 3.5 and r["prompt_version"] == judge.PROMPT_VERSION
+      assert len(tries) == (3 if (r["item"], r["perspective"]) == ("item1", "following") else 2)
+      assert [t["raw"] for t in tries] == [GARBLED] * (len(tries) - 1) + [r["raw"]]
+      assert [t["reminder"] for t in tries] == [False] + [True] * (len(tries) - 1)
+      assert all(t["error"] for t in tries[:-1]) and tries[-1]["error"] is None
+      assert r["reasks"] == len(tries) - 1 and r["attempts"] == len(tries)
+    assert judge.reask_counts(results) == {"reasked": 6, "reasks": 7, "recovered": 6, "unparsed": 0}
+    # A re-ask is the first request again (same prompt, same images) plus the reminder.
+    first = {ask_key(b): b for b in reversed(server.bodies)}
+    assert len(first) == 6
+    for body in server.bodies:
+      assert without_reminder(body) == first[ask_key(body)]
+    again = run(cfg, requests_for(2), tmp_path / "c.jsonl")
+    assert server.count == 13 and all(r["cached"] and r["reasks"] == 0 for r in again)
+    assert [r["tries"] for r in again] == [r["tries"] for r in results]
+
+
+@pytest.mark.parametrize("max_tries", [1, 3, 4])
+def test_always_off_format_is_unparsed_after_exactly_max_tries(tmp_path, max_tries):
+  with FakeOpenAI(fixed(GARBLED)) as server:
+    cfg = judge_cfg(server.url, max_tries=max_tries)
     (r,) = run(cfg, requests_for(1, ["following"]), tmp_path / "c.jsonl")
+    assert server.count == max_tries
     assert r["status"] == "unparsed" and r["score"] is None and r["verdict"] is None
-    assert r["raw"].startswith("The edit looks") and r["error"]
-    run(cfg, requests_for(1, ["following"]), tmp_path / "c.jsonl")
-    assert server.count == 1  # Paid once: cached as unparsed.
+    assert r["raw"] == GARBLED and r["error"] == "no dictionary in the answer"
+    assert [t["raw"] for t in r["tries"]] == [GARBLED] * max_tries
+    assert sum(map(is_reask, server.bodies)) == max_tries - 1
+    assert judge.reask_counts([r]) == {"reasked": int(max_tries > 1), "reasks": max_tries - 1,
+                                       "recovered": 0, "unparsed": 1}
+
+
+def test_rerun_reasks_only_unparsed_answers(tmp_path):
+  """Item 1 stays off-format in a first run; a rerun asks for its three answers only."""
+  garble = {"on": True}
+
+  def reply(body, n):
+    bad = garble["on"] and instruction_of(body) == "make thing 1 red"
+    return Reply(GARBLED if bad or (garble["on"] and perspective_of(body) == "quality" and n % 2)
+                 else "{'verdict': 'no', 'score': 1.5}")
+  path = tmp_path / "c.jsonl"
+  with FakeOpenAI(reply) as server:
+    cfg = judge_cfg(server.url)
+    first = run(cfg, requests_for(3, ["following", "preserving"]) + requests_for(2, ["quality"]), path)
+    assert [r["status"] for r in first] == ["ok", "ok", "unparsed", "unparsed"] + ["ok"] * 4
+    assert len(judge.JudgmentCache(str(path))) == 8  # unparsed answers are kept, as tries
+    sent = server.count
+    garble["on"] = False
+    cfg.rejudge_unparsed = False  # The flag keeps them as they are: nothing is asked.
+    kept = run(cfg, requests_for(3, ["following", "preserving"]) + requests_for(2, ["quality"]), path)
+    assert server.count == sent and [r["status"] for r in kept] == [r["status"] for r in first]
     cfg.rejudge_unparsed = True
-    run(cfg, requests_for(1, ["following"]), tmp_path / "c.jsonl")
-    assert server.count == 2
+    second = run(cfg, requests_for(3, ["following", "preserving"]) + requests_for(2, ["quality"]), path)
+    assert server.count == sent + 2 and all(is_reask(b) for b in server.bodies[sent:])
+    assert {instruction_of(b) for b in server.bodies[sent:]} == {"make thing 1 red"}
+    assert all(r["status"] == "ok" for r in second)
+    assert [len(r["tries"]) for r in second[2:4]] == [4, 4] and second[2]["tries"][:3] == first[2]["tries"]
+    assert [r["cached"] for r in second] == [True, True, False, False] + [True] * 4
+    run(cfg, requests_for(3, ["following", "preserving"]) + requests_for(2, ["quality"]), path)
+    assert server.count == sent + 2
+
+
+def test_reasks_stop_at_the_request_budget_and_old_cache_entries_are_reasked(tmp_path):
+  with FakeOpenAI(fixed(GARBLED)) as server:
+    (r,) = run(judge_cfg(server.url, max_requests=2), requests_for(1, ["quality"]), tmp_path / "a.jsonl")
+    assert server.count == 2 and r["status"] == "unparsed" and len(r["tries"]) == 2
+    assert "budget" in r["error"]
+  # A cache written before re-asks existed: an unparsed answer without tries.
+  (request,) = requests_for(1, ["following"])
+  query = judge.Query("following", request.instruction, *request.load_fn())
+  with judge.JudgmentCache(str(tmp_path / "b.jsonl")) as cache:
+    cache.put(judge.cache_key(query, "gpt-4o"), {"status": "unparsed", "raw": "old text", "error": "e",
+                                                 "attempts": 1, "model": "gpt-4o"})
+  with FakeOpenAI(fixed("{'verdict': 'yes', 'score': 2.0}")) as server:
+    (r,) = run(judge_cfg(server.url), [request], tmp_path / "b.jsonl")
+    assert server.count == 1 and is_reask(server.bodies[0])
+    assert r["status"] == "ok" and [t["raw"] for t in r["tries"]] == ["old text", r["raw"]]
+
+
+def test_max_tries_must_be_a_positive_integer():
+  for bad in (0, -1):  # (ConfigDict itself refuses non-integers)
+    with pytest.raises(ConfigError, match=f"config.judge.max_tries={bad!r}: expected an integer >= 1"):
+      judge.make_backend(judge_cfg("http://127.0.0.1:9/v1", max_tries=bad))
 
 
 def test_429_retry_after_is_honoured(tmp_path):
