@@ -23,7 +23,9 @@ def get_config():
   config.edit_factory = "mre_jax.edit:make_edit_fn"
   config.batch_size = 7  # (photo, instruction) pairs per edit_fn call; a call never mixes photos
   config.limit = 0  # only the first N pairs (sorted by photo, then index); 0: all
-  config.compare = ""  # another run's workdir (or table.json): printed side by side with this one
+  # Printed side by side with this run: another run's workdir (or table.json), or a protocol
+  # (proper | release): this run's results read that way. Without real_edit_dir: the workdir's table.
+  config.compare = ""
   config.bootstrap_samples = 1000  # resamples of the 95% intervals
   config.seed = 0  # bootstrap seed
   # Editing options for the edit factory; the names follow configs/edit.py (SPEC section 4).
@@ -40,5 +42,11 @@ def get_config():
   config.edit.size_rule = "release"  # release: longer side near R, shorter rounded up to 64s | short_side: shorter R
   config.edit.scores = (5.0, 5.0, 5.0)  # reward condition: following, preserving, quality
   config.edit.reward_text = "None; None; None"  # reward condition: failure texts
+  # The judge sees the photo fitted to the working size and the edit, both resized to this height
+  # (width round-down(height * w / h)), as the release does; 0: the photo and the edit as they are.
+  config.judge_height = 512
   config.judge = judge.judge_config()
+  # How answers become the table: proper (each answer's dictionary parsed) | release (substring
+  # "yes", first 'score': <float>, an item with an answer unreadable so dropped everywhere).
+  config.judge.protocol = "proper"
   return config

@@ -1,16 +1,27 @@
 """The Real-Edit evaluation job: edit every (photo, instruction), judge, tabulate (SPEC 5).
 
 python main.py --config=configs/evaluate.py --config.checkpoint=DIR \
-    --config.real_edit_dir=DIR --workdir=OUT [--config.compare=OTHER_RUN]
+    --config.real_edit_dir=DIR --workdir=OUT [--config.compare=OTHER_RUN|release|proper]
 
 Workdir layout (every step resumes from it):
   edits/<photo>-<crc>__<i>.png  the edits, lossless; an edit on disk is never redone
   judge_cache.jsonl       every paid answer, append-only (mre_jax.judge.JudgmentCache)
   results.jsonl           one line per (edit, perspective): status, verdict, score, raw
-                          answer, latency, attempts, prompt version, model, category, ...
+                          answer, every try (re-asks), latency, attempts, prompt version,
+                          model, category, ...
   table.json, table.md    per perspective the share of "yes" and the mean score with 95%
-                          bootstrap intervals, overall and per category; judged/failed counts
+                          bootstrap intervals, overall and per category; judged/failed counts,
+                          re-ask figures, and the protocol that read the answers
   run_config.json         the config of the last run, without the API key
+
+What the judge sees (SPEC section 5, as the release): the photo fitted to the editor's working
+size and the edit, both resized to config.judge_height (512) high, keeping the photo's aspect.
+Two protocols turn answers into the table (config.judge.protocol):
+  proper   each answer's dictionary is parsed (mre_jax.judge.parse_answer); an unreadable
+           answer leaves out its own perspective only
+  release  the release's rules: "yes" when the substring occurs, the score the first
+           'score': <float>; an item whose three answers do not all read so is dropped from
+           every perspective
 
 The editing model is injected: `edit_fn(images: list[PIL.Image], instructions: list[str])
 -> list[PIL.Image]` (same order and length). The job builds it lazily, only when edits are
@@ -22,6 +33,7 @@ a function `make_edit_fn(config) -> edit_fn` that receives this job's whole conf
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import importlib
 import json
@@ -35,12 +47,18 @@ from PIL import Image
 
 from mre_jax import judge
 from mre_jax import records
+from mre_jax import sizes
 from mre_jax import synthetic
 from mre_jax.errors import ConfigError, require
 
 CATEGORIES = ("Local", "Remove", "Add", "Texture", "Background", "Global", "Style")
 DEFAULT_EDIT_FACTORY = "mre_jax.edit:make_edit_fn"
 FAILED = ("failed", "budget_exhausted", "no_edit")
+PROTOCOLS = ("proper", "release")  # how answers become the table (module docstring)
+_PROTOCOL_NOTES = {
+    "proper": "each answer's dictionary parsed; an unreadable answer leaves out its own perspective",
+    "release": "the release's rules: substring 'yes', first 'score': <float>; an item with an "
+               "answer unreadable so is dropped from every perspective"}
 
 
 # ----------------------------------------------------------------------------- listing
@@ -199,6 +217,25 @@ def make_edits(items: list[Item], edit_fn_factory, batch_size: int) -> int:
   return done
 
 
+# ------------------------------------------------------------------------ judge images
+
+def judge_images(photo: np.ndarray, edited: np.ndarray, *, resolution: int, size_rule: str,
+                 height: int) -> tuple[np.ndarray, np.ndarray]:
+  """The pair the judge sees, as the release's eval.py makes it (SPEC section 5).
+
+  photo, edited: uint8 [H, W, 3]. The photo is fitted to the editor's working size
+  (`sizes.fit_image`: `resolution`, `size_rule`), then it and the edit are resized (bicubic, PIL's
+  default there) to `height` high and round-down(height * w / h) wide, (w, h) the photo's size.
+  height 0: both are returned as they are.
+  """
+  if not height:
+    return photo, edited
+  size = (max(1, int(height * photo.shape[1] / photo.shape[0])), height)
+  fitted = sizes.fit_image(Image.fromarray(photo), resolution, size_rule)
+  return tuple(np.asarray(im.resize(size, Image.Resampling.BICUBIC))
+               for im in (fitted, Image.fromarray(edited)))
+
+
 # ------------------------------------------------------------------------------- table
 
 def _bootstrap(values: np.ndarray, idx: np.ndarray):
@@ -212,7 +249,7 @@ def _cell(rows: list[dict], samples: int, rng) -> dict:
   """Stats of one (row, perspective) from its result records."""
   ok = [r for r in rows if r["status"] == "ok"]
   cell = {"judged": len(ok), "unparsed": sum(r["status"] == "unparsed" for r in rows),
-          "failed": sum(r["status"] in FAILED for r in rows),
+          "failed": sum(r["status"] in FAILED for r in rows), "not_judged": len(rows) - len(ok),
           "yes_share": None, "yes_ci": None, "mean_score": None, "score_ci": None}
   if ok:
     yes = np.array([r["verdict"] == "yes" for r in ok], np.float64)
@@ -223,32 +260,66 @@ def _cell(rows: list[dict], samples: int, rng) -> dict:
   return cell
 
 
-def make_table(results: list[dict], *, samples: int = 1000, seed: int = 0) -> dict:
+def release_view(results: list[dict]) -> list[dict]:
+  """Result records as the release protocol reads them (same order).
+
+  Every answer (the last try's raw text) is read by `judge.parse_answer_release`. An item whose
+  answers in all three perspectives read so keeps them ("ok" with that verdict and score);
+  otherwise each of its records is "unparsed" (not readable so), keeps its failed status (no
+  answer), or becomes "dropped" (readable, but a sibling is not).
+  """
+  read, by_item = [], {}
+  for r in results:
+    fields = judge.parse_answer_release(r.get("raw"))[0] if r["status"] in ("ok", "unparsed") else None
+    read.append(fields)
+    by_item.setdefault(r["item"], {})[r["perspective"]] = fields
+  kept = {item for item, got in by_item.items()
+          if all(got.get(p) is not None for p in judge.PERSPECTIVES)}
+  out = []
+  for r, fields in zip(results, read):
+    if r["item"] in kept:
+      out.append({**r, **fields, "status": "ok"})
+    elif r["status"] in FAILED:
+      out.append(r)
+    else:
+      out.append({**r, "status": "unparsed" if fields is None else "dropped", "verdict": None,
+                  "score": None})
+  return out
+
+
+def make_table(results: list[dict], *, protocol: str = "proper", samples: int = 1000,
+               seed: int = 0) -> dict:
   """The paper's table from result records (one per item and perspective).
 
-  rows: "overall" and each category present, each {perspective: cell}; a cell holds
-  `yes_share` and `mean_score` over the judged ("ok") answers with 95% bootstrap intervals,
-  and the counts judged / unparsed / failed. `counts` is per item: judged in all three
-  perspectives, or not.
+  protocol: "proper" reads each record's parsed verdict and score; "release" reads them as the
+  release does (`release_view`). rows: "overall" and each category present, each
+  {perspective: cell}; a cell holds `yes_share` and `mean_score` over the judged answers with
+  95% bootstrap intervals, and the counts judged / unparsed / failed / not_judged. `counts` is
+  per item: judged in all three perspectives, or not; `judgments` (statuses) and `reask`
+  (`judge.reask_counts`) are those of the records as judged.
   """
-  cats = [c for c in CATEGORIES if any(r.get("category") == c for r in results)]
-  table = {"rows": {}, "prompt_version": judge.PROMPT_VERSION,
-           "models": sorted({r["model"] for r in results if r.get("model")}),
+  if protocol not in PROTOCOLS:
+    raise ConfigError(f"config.judge.protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+  view = release_view(results) if protocol == "release" else results
+  cats = [c for c in CATEGORIES if any(r.get("category") == c for r in view)]
+  table = {"rows": {}, "protocol": protocol, "prompt_version": judge.PROMPT_VERSION,
+           "models": sorted({r["model"] for r in view if r.get("model")}),
            "bootstrap_samples": samples}
   for ri, row in enumerate(["overall"] + cats):
-    in_row = [r for r in results if row == "overall" or r.get("category") == row]
+    in_row = [r for r in view if row == "overall" or r.get("category") == row]
     table["rows"][row] = {
         p: _cell([r for r in in_row if r["perspective"] == p], samples,
                  np.random.default_rng([seed, ri, pi]))
         for pi, p in enumerate(judge.PERSPECTIVES)}
   by_item = {}
-  for r in results:
+  for r in view:
     by_item.setdefault(r["item"], []).append(r["status"])
   table["counts"] = {
       "items": len(by_item),
       "judged": sum(all(s == "ok" for s in v) and len(v) == 3 for v in by_item.values()),
       "failed": sum(any(s != "ok" for s in v) for v in by_item.values()),
-      "judgments": judge.status_counts(results)}
+      "judgments": judge.status_counts(results),
+      "reask": judge.reask_counts(results)}
   return table
 
 
@@ -262,7 +333,7 @@ def _num(v):
 
 def table_markdown(table: dict) -> str:
   """The table as markdown: per row, per perspective "yes %" and "score" [95% CI]."""
-  head = ["row"] + [f"{p} {m}" for p in judge.PERSPECTIVES for m in ("yes %", "score")] + ["judged", "failed"]
+  head = ["row"] + [f"{p} {m}" for p in judge.PERSPECTIVES for m in ("yes %", "score")] + ["judged", "not judged"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row, cells in table["rows"].items():
     out = [row]
@@ -273,12 +344,14 @@ def table_markdown(table: dict) -> str:
       out += [f"{_pct(c['yes_share'])} [{_pct(ci[0])}, {_pct(ci[1])}]",
               f"{_num(c['mean_score'])} [{_num(sci[0])}, {_num(sci[1])}]"]
     out += [str(min(c["judged"] for c in cells.values())),
-            str(max(c["failed"] + c["unparsed"] for c in cells.values()))]
+            str(max(c["not_judged"] for c in cells.values()))]
     lines.append("| " + " | ".join(out) + " |")
-  k = table["counts"]
-  lines += ["", f"items: {k['items']}, judged in all perspectives: {k['judged']}, with a failed "
-            f"or unparsed perspective: {k['failed']}; judgments by status: "
-            f"{json.dumps(k['judgments'])}",
+  k, protocol = table["counts"], table.get("protocol", "proper")
+  left_out = "dropped" if protocol == "release" else "with a failed or unparsed perspective"
+  lines += ["", f"protocol: {protocol} ({_PROTOCOL_NOTES[protocol]})",
+            f"items: {k['items']}, judged in all perspectives: {k['judged']}, {left_out}: "
+            f"{k['failed']}; judgments by status: {json.dumps(k['judgments'])}",
+            judge.reask_summary(k["reask"]),
             f"models: {', '.join(table['models']) or '-'}; prompt version: {table['prompt_version']}; "
             f"95% intervals from {table['bootstrap_samples']} bootstrap resamples"]
   return "\n".join(lines) + "\n"
@@ -296,9 +369,19 @@ def _diff(a, b):
   return None if a is None or b is None else a - b
 
 
+def _load_results(run: str) -> list[dict]:
+  path = os.path.join(run, "results.jsonl")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"compare: no results at {path} (config.compare=<protocol> reads "
+                            "this run's results that way)")
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def compare_markdown(table: dict, other: dict, name: str, other_name: str) -> str:
   """Two tables side by side: this run, the other, and this minus the other."""
-  lines = [f"A = {name}, B = {other_name}", "",
+  label = lambda t: f"{t.get('protocol', 'proper')} protocol"
+  lines = [f"A = {name} ({label(table)}), B = {other_name} ({label(other)})", "",
            "| row | perspective | yes % A | yes % B | A-B | score A | score B | A-B |",
            "|---|---|---|---|---|---|---|---|"]
   for row, cells in table["rows"].items():
@@ -307,25 +390,41 @@ def compare_markdown(table: dict, other: dict, name: str, other_name: str) -> st
       ya, yb, sa, sb = a["yes_share"], b.get("yes_share"), a["mean_score"], b.get("mean_score")
       lines.append(f"| {row} | {p} | {_pct(ya)} | {_pct(yb)} | {_pct(_diff(ya, yb))} | "
                    f"{_num(sa)} | {_num(sb)} | {_num(_diff(sa, sb))} |")
-  notes = [f"{k} differs: A {table.get(k)} vs B {other.get(k)}" for k in ("prompt_version", "models")
-           if table.get(k) != other.get(k)]
+  notes = [f"{k} differs: A {table.get(k, d)} vs B {other.get(k, d)}"
+           for k, d in (("protocol", "proper"), ("prompt_version", None), ("models", None))
+           if table.get(k, d) != other.get(k, d)]
   return "\n".join(lines + [""] + notes) + "\n"
 
 
 # ---------------------------------------------------------------------------- the job
 
-def _edit_pair(item: Item):
-  return lambda: (records.load_rgb(item.photo), records.load_rgb(item.edit_path))
+def check_config(config) -> None:
+  """The evaluation's own fields, checked before any editing (ConfigError naming field and value)."""
+  if config.judge.protocol not in PROTOCOLS:
+    raise ConfigError(f"config.judge.protocol={config.judge.protocol!r}: expected one of "
+                      f"{', '.join(PROTOCOLS)}")
+  sizes.check_size_rule(config.edit.size_rule, "config.edit.size_rule")
+  resolution, height = config.edit.resolution, config.judge_height
+  if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1 or resolution % 64:
+    raise ConfigError(f"config.edit.resolution={resolution!r}: expected a positive multiple of 64")
+  if isinstance(height, bool) or not isinstance(height, int) or height < 0:
+    raise ConfigError(f"config.judge_height={height!r}: expected an integer >= 0 (0: the photo and "
+                      "the edit as they are)")
 
 
-def _requests(items: list[Item]) -> list:
+def _judge_pair(item: Item, prepare):
+  return lambda: prepare(records.load_rgb(item.photo), records.load_rgb(item.edit_path))
+
+
+def _requests(items: list[Item], prepare) -> list:
+  """Three judge requests per item; `prepare(photo, edit) -> (original, edited)` as judged."""
   out = []
   for it in items:
     if it.error is None and not os.path.isfile(it.edit_path):
       it.error = "no_edit: the edit is missing"
     meta = {"category": it.category, "image": it.image_name, "index": it.index,
             "edit": os.path.basename(it.edit_path) if it.error is None else None}
-    load = _edit_pair(it) if it.error is None else _raiser(it.error)
+    load = _judge_pair(it, prepare) if it.error is None else _raiser(it.error)
     out += [judge.Request(it.key, p, it.instruction, load, meta=meta) for p in judge.PERSPECTIVES]
   return out
 
@@ -349,6 +448,7 @@ def run_real_edit(config, workdir: str, edit_fn=None) -> dict:
   edit_fn: the editing callable; None builds it from config.edit_factory when needed.
   """
   root = require(config, "real_edit_dir")
+  check_config(config)
   edits_dir = os.path.join(workdir, "edits")
   items = load_real_edit(root, edits_dir, config.json_name)
   if config.limit:
@@ -357,9 +457,14 @@ def run_real_edit(config, workdir: str, edit_fn=None) -> dict:
   os.makedirs(edits_dir, exist_ok=True)
   write_run_config(config, workdir)
   make_edits(items, (lambda: edit_fn) if edit_fn else lambda: _build_edit_fn(config), config.batch_size)
-  results = judge.judge_with_config(config.judge, workdir, _requests(items), backend)
+  # An exact backend compares with its ground truth at the photo's size: no resizing for it.
+  height = 0 if getattr(backend, "needs_source_images", False) else config.judge_height
+  prepare = functools.partial(judge_images, resolution=config.edit.resolution,
+                              size_rule=config.edit.size_rule, height=height)
+  results = judge.judge_with_config(config.judge, workdir, _requests(items, prepare), backend)
   judge.write_jsonl_atomic(os.path.join(workdir, "results.jsonl"), results)
-  table = make_table(results, samples=config.bootstrap_samples, seed=config.seed)
+  table = make_table(results, protocol=config.judge.protocol, samples=config.bootstrap_samples,
+                     seed=config.seed)
   judge.write_text_atomic(os.path.join(workdir, "table.json"), json.dumps(table, indent=1))
   markdown = table_markdown(table)
   judge.write_text_atomic(os.path.join(workdir, "table.md"), markdown)
@@ -378,6 +483,7 @@ def evaluate(config, workdir: str) -> None:
   """The `evaluate` job: run Real-Edit into workdir, then compare with config.compare."""
   if not workdir:
     raise ConfigError("--workdir is required (job 'evaluate')")
+  check_config(config)
   if config.real_edit_dir:
     table = run_real_edit(config, workdir)
   elif config.compare:
@@ -386,9 +492,19 @@ def evaluate(config, workdir: str) -> None:
     raise ConfigError("config.real_edit_dir is required (job 'evaluate'), or config.compare "
                       "with a workdir that has a table")
   if config.compare:
-    text = compare_markdown(table, _load_table(config.compare), workdir, config.compare)
+    other_name, other = _other_table(config, workdir)
+    text = compare_markdown(table, other, workdir, other_name)
     judge.write_text_atomic(os.path.join(workdir, "compare.md"), text)
     print(text, flush=True)
+
+
+def _other_table(config, workdir: str):
+  """(name, table) config.compare names: a protocol reads this run's results, else another run's table."""
+  if config.compare in PROTOCOLS:
+    return (f"{workdir} read by the {config.compare} protocol",
+            make_table(_load_results(workdir), protocol=config.compare,
+                       samples=config.bootstrap_samples, seed=config.seed))
+  return config.compare, _load_table(config.compare)
 
 
 # ------------------------------------------------------------------ synthetic Real-Edit

@@ -6,7 +6,9 @@ synthetic backend.
 """
 import copy
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,14 +16,14 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mre_jax import annotate
 from mre_jax import evaluators
 from mre_jax import judge
 from mre_jax import records
 from mre_jax.errors import ConfigError
-from test_judge import KEY, FakeOpenAI, Reply, instruction_of, perspective_of
+from test_judge import KEY, FakeOpenAI, Reply, images_of, instruction_of, is_reask, perspective_of
 
 from configs import annotate as annotate_config
 from configs import evaluate as evaluate_config
@@ -120,7 +122,9 @@ def test_table_from_known_answers(tmp_path, fake_edit, capsys):
   with FakeOpenAI(known_answers) as server:
     config = eval_config(root, server.url, factory)
     table = evaluators.run_real_edit(config, str(out))
-    assert server.count == 42 and edit_count(log) == 14
+    assert server.count == 44 and edit_count(log) == 14  # the unreadable answer was asked 3 times
+    # The judge sees the fitted photo and the edit at 512 high: 32x24 -> 682x512.
+    assert {im.shape for b in server.bodies for im in images_of(b)} == {(512, 682, 3)}
     rows = table["rows"]
     # By hand: following scores 5,4,3,2,1,0,5 and 5 x 6 (+1 unparsed); yes when >= 3.
     assert_cell(rows["overall"]["following"], 13, 10 / 13, 50 / 13)
@@ -133,7 +137,9 @@ def test_table_from_known_answers(tmp_path, fake_edit, capsys):
       assert_cell(rows[row]["quality"], 14 if row == "overall" else 2, 1.0, 4.0)
     assert rows["overall"]["quality"]["score_ci"] == [4.0, 4.0]
     assert table["counts"] == {"items": 14, "judged": 13, "failed": 1, "judgments": {
-        "ok": 41, "unparsed": 1, "failed": 0, "budget_exhausted": 0, "no_edit": 0}}
+        "ok": 41, "unparsed": 1, "failed": 0, "budget_exhausted": 0, "no_edit": 0},
+        "reask": {"reasked": 1, "reasks": 2, "recovered": 0, "unparsed": 1}}
+    assert table["protocol"] == "proper"
     lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 42
     for r in lines:
@@ -141,12 +147,16 @@ def test_table_from_known_answers(tmp_path, fake_edit, capsys):
       assert r["latency_s"] is not None and r["raw"] and r["category"] in CATS
     (bad,) = [r for r in lines if r["status"] == "unparsed"]
     assert bad["raw"] == "I cannot decide." and bad["score"] is None and bad["item"] == "photo_1.jpg#6"
+    assert [t["raw"] for t in bad["tries"]] == ["I cannot decide."] * 3
     assert json.loads((out / "table.json").read_text()) == table
-    assert "| overall | 76.9 [" in (out / "table.md").read_text()
+    markdown = (out / "table.md").read_text()
+    assert "| overall | 76.9 [" in markdown and "protocol: proper (" in markdown
+    assert "answers re-asked this run (off-format): 1 (2 re-asks), 0 of them then read; still unparsed: 1" in markdown
     assert "| overall |" in capsys.readouterr().out
-    # A second run edits nothing and pays nothing.
+    # A second run edits nothing and pays only for re-asking the unreadable answer.
     evaluators.run_real_edit(config, str(out))
-    assert server.count == 42 and edit_count(log) == 14
+    assert server.count == 47 and edit_count(log) == 14
+    assert all(is_reask(b) for b in server.bodies[44:])
   # --config.compare: side by side with the difference.
   other = copy.deepcopy(table)
   other["rows"]["overall"]["quality"]["mean_score"] = 3.0
@@ -284,7 +294,7 @@ def test_annotate_with_judge_server(tmp_path):
     config.source = str(tmp_path / "ip")
     config.judge.base_url, config.judge.api_key, config.judge.backoff_s = server.url, KEY, 0.01
     out = annotate.annotate(config, str(tmp_path / "run"))
-    assert server.count == 6
+    assert server.count == 8  # synth_00001's following: asked 3 times
     assert all("'failure'" in b["messages"][1]["content"][-1]["text"] for b in server.bodies)
   assert out == {"synth_00000": [
       {"Score": 2.0, "Negative Prompt": "the sky is still blue", "seed": "0"},
@@ -293,6 +303,173 @@ def test_annotate_with_judge_server(tmp_path):
   failures = json.loads((tmp_path / "run" / "failures.json").read_text())
   assert failures["synth_00001"]["reason"] == "unparsed"
   assert "following" in failures["synth_00001"]["detail"]
+  results = [json.loads(l) for l in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+  (bad,) = [r for r in results if r["status"] != "ok"]
+  assert [t["raw"] for t in bad["tries"]] == ["{'verdict': 'no', 'score': 2}"] * 3
+
+
+def garbling(n, answer):
+  """A judge server that garbles 1 answer in 13 and fails some requests (429, 500)."""
+  if n % 17 == 5:
+    return Reply(status=500)
+  if n % 19 == 9:
+    return Reply(status=429, headers={"Retry-After": "0"})
+  return Reply("Overall the edit is fine." if n % 13 == 6 else answer)
+
+
+def test_garbling_server_annotate_labels_every_name_evaluate_judges_every_item(tmp_path, fake_edit, capsys):
+  factory, _, _ = fake_edit
+  answer = "{'verdict': 'yes', 'score': 4.5, 'failure': 'None'}"
+  annotate.write_synthetic_ip2p(str(tmp_path / "ip"), 18, size=32)
+  with FakeOpenAI(lambda body, n: garbling(n, answer)) as server:
+    config = annotate_config.get_config()
+    config.source = str(tmp_path / "ip")
+    config.judge.base_url, config.judge.api_key, config.judge.backoff_s = server.url, KEY, 0.01
+    config.judge.concurrency = 2
+    out = annotate.annotate(config, str(tmp_path / "ann"))
+    assert len(out) == 18 and json.loads((tmp_path / "ann" / "failures.json").read_text()) == {}
+    results = [json.loads(l) for l in (tmp_path / "ann" / "results.jsonl").read_text().splitlines()]
+    figures = judge.reask_counts(results)
+    assert figures["reasked"] >= 3 and figures["recovered"] == figures["reasked"] and figures["unparsed"] == 0
+    assert f"answers re-asked this run (off-format): {figures['reasked']} (" in capsys.readouterr().out
+    sent = server.count
+    annotate.annotate(config, str(tmp_path / "ann"))  # Every name labelled: nothing to ask.
+    assert server.count == sent
+    root = write_real_edit(tmp_path / "re")
+    config = eval_config(root, server.url, factory)
+    table = evaluators.run_real_edit(config, str(tmp_path / "ev"))
+    assert table["counts"]["judged"] == 14 and table["counts"]["reask"]["unparsed"] == 0
+    assert table["counts"]["reask"]["reasked"] >= 2
+    sent = server.count
+    evaluators.run_real_edit(config, str(tmp_path / "ev"))
+    assert server.count == sent
+
+
+def test_annotate_never_writes_the_key(tmp_path, monkeypatch):
+  """The key from the environment, echoed back by a server's error message, is in no file."""
+  info = annotate.write_synthetic_ip2p(str(tmp_path / "ip"), 2, size=32)
+  first = info["examples"]["synth_00000"]["instruction"]
+  monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+  def reply(body, n):
+    if instruction_of(body) == first:
+      return Reply(status=401, message=f"Incorrect API key provided: {KEY}.")
+    return Reply("{'verdict': 'yes', 'score': 4.5, 'failure': 'None'}")
+  with FakeOpenAI(reply) as server:
+    config = annotate_config.get_config()
+    config.source = str(tmp_path / "ip")
+    config.judge.base_url, config.judge.backoff_s = server.url, 0.01
+    out = annotate.annotate(config, str(tmp_path / "run"))
+    assert set(server.auth) == {f"Bearer {KEY}"}
+  assert sorted(out) == ["synth_00001"]
+  failures = json.loads((tmp_path / "run" / "failures.json").read_text())
+  assert "401" in failures["synth_00000"]["detail"] and "***" in failures["synth_00000"]["detail"]
+  for folder, _, files in os.walk(tmp_path):
+    for name in files:
+      assert KEY.encode() not in open(os.path.join(folder, name), "rb").read(), name
+
+
+def record(item, category, perspective, raw, status=None):
+  """A result record from a hand-made answer, read as the judge reads it."""
+  fields = judge.parse_answer(raw)[0] if raw else None
+  return {"item": item, "category": category, "perspective": perspective, "raw": raw,
+          "status": status or ("ok" if fields else "unparsed"), "model": "m",
+          **(fields or {"verdict": None, "score": None})}
+
+
+HAND_MADE = [
+    # A: following says "no" but mentions "yes": a yes for the release.
+    record("A", "Local", "following", "{'verdict': 'no', 'score': 4.5} (a yes needs a bluer sky)"),
+    record("A", "Local", "preserving", "{'verdict': 'yes', 'score': 3.5}"),
+    record("A", "Local", "quality", "{'verdict': 'yes', 'score': 4.0}"),
+    # B: an integer score does not read for the release: B is dropped everywhere.
+    record("B", "Local", "following", "{'verdict': 'yes', 'score': 5}"),
+    record("B", "Local", "preserving", "{'verdict': 'no', 'score': 1.5}"),
+    record("B", "Local", "quality", "{'verdict': 'no', 'score': 2.5}"),
+    # C: no dictionary (unparsed) but the release reads it.
+    record("C", "Add", "following", "Looks right, yes: 'score': 3.5"),
+    record("C", "Add", "preserving", "{'verdict': 'yes', 'score': 4.5}"),
+    record("C", "Add", "quality", "{'verdict': 'no', 'score': 1.0}"),
+    # D: no answer for quality: dropped everywhere by the release, only quality by proper.
+    record("D", "Add", "following", "{'verdict': 'yes', 'score': 2.0}"),
+    record("D", "Add", "preserving", "{'verdict': 'no', 'score': 0.5}"),
+    record("D", "Add", "quality", None, status="failed"),
+]
+
+
+def test_release_protocol_on_hand_made_answers(tmp_path, capsys):
+  proper = evaluators.make_table(HAND_MADE, samples=50)
+  release = evaluators.make_table(HAND_MADE, protocol="release", samples=50)
+  p, r = proper["rows"]["overall"], release["rows"]["overall"]
+  assert_cell(p["following"], 3, 2 / 3, 11.5 / 3)
+  assert_cell(p["preserving"], 4, 0.5, 2.5)
+  assert_cell(p["quality"], 3, 1 / 3, 2.5)
+  assert_cell(r["following"], 2, 1.0, 4.0)  # A (yes 4.5), C (yes 3.5)
+  assert_cell(r["preserving"], 2, 1.0, 4.0)
+  assert_cell(r["quality"], 2, 0.5, 2.5)
+  assert [r[q]["not_judged"] for q in judge.PERSPECTIVES] == [2, 2, 2]
+  assert (r["following"]["unparsed"], r["quality"]["failed"]) == (1, 1)
+  assert_cell(release["rows"]["Local"]["following"], 1, 1.0, 4.5)
+  assert_cell(release["rows"]["Add"]["quality"], 1, 0.0, 1.0)
+  assert (proper["protocol"], release["protocol"]) == ("proper", "release")
+  assert proper["counts"]["judged"] == release["counts"]["judged"] == 2  # A, B vs A, C
+  assert proper["counts"]["judgments"] == release["counts"]["judgments"]
+  assert "protocol: release (" in evaluators.table_markdown(release)
+  assert "items: 4, judged in all perspectives: 2, dropped: 2" in evaluators.table_markdown(release)
+  # --config.compare=release: this run's results read both ways, side by side.
+  run = tmp_path / "run"
+  judge.write_jsonl_atomic(str(run / "results.jsonl"), HAND_MADE)
+  (run / "table.json").write_text(json.dumps(proper))
+  config = evaluate_config.get_config()
+  config.compare, config.bootstrap_samples = "release", 50
+  evaluators.evaluate(config, str(run))
+  text = (run / "compare.md").read_text()
+  assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+  assert text.startswith(f"A = {run} (proper protocol), B = {run} read by the release protocol (release protocol)")
+  assert "| overall | following | 66.7 | 100.0 | -33.3 | 3.83 | 4.00 | -0.17 |" in text
+  assert "protocol differs: A proper vs B release" in text
+
+
+def test_judge_images_are_the_fitted_photo_and_the_edit_512_high():
+  rng = np.random.default_rng(0)
+  ramp = np.linspace(0, 255, 48)
+  photo = np.stack([np.tile(ramp, (27, 1)), np.tile(ramp[::-1], (27, 1)), rng.uniform(0, 255, (27, 48))], -1)
+  photo = photo.astype(np.uint8)  # 48x27 (16:9)
+  edited = rng.integers(0, 256, (27, 48, 3), dtype=np.uint8)
+  f = 512 / 48  # SPEC section 4, written out: working size 512x320
+  f = math.ceil(27 * f / 64) * 64 / 27
+  working = (math.floor(48 * f / 64) * 64, math.floor(27 * f / 64) * 64)
+  assert working == (512, 320)
+  fitted = ImageOps.fit(Image.fromarray(photo), working, method=Image.Resampling.LANCZOS)
+  size = (math.floor(512 * 48 / 27), 512)
+  original, edit_seen = evaluators.judge_images(photo, edited, resolution=512, size_rule="release", height=512)
+  np.testing.assert_array_equal(original, np.asarray(fitted.resize(size, Image.Resampling.BICUBIC)))
+  np.testing.assert_array_equal(edit_seen, np.asarray(Image.fromarray(edited).resize(size, Image.Resampling.BICUBIC)))
+  assert original.shape == edit_seen.shape == (512, 910, 3)
+  unfitted = np.asarray(Image.fromarray(photo).resize(size, Image.Resampling.BICUBIC), np.float64)
+  assert np.abs(unfitted[..., 0] - original[..., 0]).mean() > 5  # the crop shows: not a plain resize
+  portrait = evaluators.judge_images(photo.transpose(1, 0, 2), edited.transpose(1, 0, 2), resolution=512,
+                                     size_rule="short_side", height=512)
+  assert [im.shape for im in portrait] == [(512, 288, 3)] * 2
+  same = evaluators.judge_images(photo, edited, resolution=512, size_rule="release", height=0)
+  assert same[0] is photo and same[1] is edited
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("judge.protocol", "paper", "config.judge.protocol='paper': expected one of proper, release"),
+    ("judge_height", -1, "config.judge_height=-1: expected an integer >= 0"),
+    ("edit.size_rule", "long", "config.edit.size_rule='long': expected one of release, short_side"),
+    ("edit.resolution", 500, "config.edit.resolution=500: expected a positive multiple of 64"),
+    ("judge.max_tries", 0, "config.judge.max_tries=0: expected an integer >= 1"),
+])
+def test_bad_evaluation_fields_fail_before_editing(tmp_path, field, value, match, fake_edit):
+  factory, log, _ = fake_edit
+  config = eval_config(write_real_edit(tmp_path / "re", photos=1), "http://127.0.0.1:9/v1", factory)
+  section, _, name = field.rpartition(".")
+  setattr(config[section] if section else config, name, value)
+  with pytest.raises(ConfigError, match=re.escape(match)):
+    evaluators.evaluate(config, str(tmp_path / "run"))
+  assert edit_count(log) == 0
 
 
 def test_real_model_edits_through_the_default_edit_factory(tmp_path, tiny_folder):
