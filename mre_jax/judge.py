@@ -464,7 +464,7 @@ def judge_config() -> ml_collections.ConfigDict:
   c.backoff_max_s = 60.0  # cap of one backoff delay
   c.retry_after_max_s = 120.0  # cap of a server's Retry-After
   c.concurrency = 4  # requests in flight at once (threads)
-  c.max_requests = 0  # request budget of one run, retries included; 0: no limit
+  c.max_requests = 0  # request budget of one run, retries and re-asks included; 0: no limit
   c.max_side = 1024  # images are downscaled to this longest side before sending (0: never)
   c.jpeg_quality = 90  # JPEG quality of the images sent
   c.detail = "auto"  # image_url detail: auto | low | high
