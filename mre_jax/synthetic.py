@@ -31,7 +31,11 @@ BLOCK = 8  # pixels: the judge's cell and the codec block of the blocking artifa
 MIN_SIZE, MAX_SIZE = 32, 64
 
 # Judge calibration (units: intensities in [0, 1]).
-FOLLOW_FULL = 0.9      # share of the edit that counts as fully applied
+FOLLOW_FULL = 0.9      # share of the way to the truth that counts as fully applied
+FOLLOW_NONE = 0.1      # share of the way to the truth that still counts as not applied
+FOLLOW_SMOOTH = 0.5    # std (pixels) of the Gaussian applied before measuring following
+EDIT_TOL = 2 / 255     # colour change of a pixel that the edit counts as changed
+QUALITY_AREA = 0.25    # share of the image that must be measurable for full quality credit
 CELL_TOL = 0.1         # RMS colour change of an 8x8 cell that still counts as unchanged
 CHANGED_ZERO = 0.25    # share of cells changed that scores 0 for detail preserving
 NOISE_ZERO = 0.15      # noise std that scores 0 for quality
@@ -448,16 +452,22 @@ def _window_max(mask, radius):
 
 
 def measure_following(original, truth, edited):
-  """Share of the exact edit that the edited image applies: projection of (e - o) on (t - o).
+  """Share of the way from the original to the truth that the edited image covers.
 
-  Zero-mean noise leaves it unbiased. Inputs float [S, S, 3]; returns a float in [0, 1]
+  1 - ||e - t|| / ||o - t||, both norms over the pixels the edit changes, on images smoothed
+  by a Gaussian of std FOLLOW_SMOOTH pixels (so that mild pixel noise, which quality scores,
+  barely counts). A copy of the original scores 0, the truth 1, a linear blend with weight s
+  exactly s; overshooting, noise and blank images come out near 0 because they are no closer
+  to the truth than the original is. Inputs float [S, S, 3]; returns a float in [0, 1]
   (1 when the edit changes nothing).
   """
-  delta = truth - original
-  denom = float(np.sum(delta ** 2))
+  region = np.any(np.abs(truth - original) > EDIT_TOL, axis=-1)
+  o, t, e = (gaussian_blur(x, FOLLOW_SMOOTH) for x in (original, truth, edited))
+  denom = float(np.sum((t - o)[region] ** 2))
   if denom < 1e-12:
     return 1.0
-  return float(np.clip(np.sum((edited - original) * delta) / denom, 0.0, 1.0))
+  error = float(np.sum((e - t)[region] ** 2))
+  return float(np.clip(1.0 - np.sqrt(error / denom), 0.0, 1.0))
 
 
 def measure_changes(original, truth, edited):
@@ -465,7 +475,8 @@ def measure_changes(original, truth, edited):
 
   Each cell's mean colour is compared with the closest point on the segment from the
   original's to the truth's cell mean (so a partial edit is not a change); the RMS distance
-  beyond CELL_TOL counts. Returns (changed share in [0, 1], cell deviations [h, w]).
+  beyond CELL_TOL counts, fully from 2 * CELL_TOL on. Returns (changed share in [0, 1], cell
+  deviations [h, w], per-cell changed amounts [h, w] in [0, 1]).
   """
   o, t, e = (block_means(x) for x in (original, truth, edited))
   d = t - o
@@ -473,7 +484,20 @@ def measure_changes(original, truth, edited):
   s = np.clip(np.sum((e - o) * d, axis=-1, keepdims=True) / np.maximum(norm, 1e-12), 0, 1)
   dev = np.sqrt(np.mean((e - o - s * d) ** 2, axis=-1))
   changed = np.clip((dev - CELL_TOL) / CELL_TOL, 0.0, 1.0)
-  return float(changed.mean()), dev
+  return float(changed.mean()), dev, changed
+
+
+def measure_on_path(original, truth, cell_changed):
+  """Share of the edit's change energy in cells whose mean colour stays on the way from the
+  original to the truth (1 - the cell's `changed` amount), weighted by each cell's
+  sum of squared pixel changes. A cell painted a colour the edit does not lead to (noise
+  averages to grey, a blank image, a wrong colour) is off the path. 1 when nothing changes.
+  """
+  weight = block_means(np.sum((truth - original) ** 2, axis=-1, keepdims=True))[..., 0]
+  total = float(weight.sum())
+  if total < 1e-12:
+    return 1.0
+  return float(np.sum(weight * (1.0 - cell_changed)) / total)
 
 
 def _border_mask(shape, block=BLOCK):
@@ -542,15 +566,27 @@ def measure_blocking(reference, edited, valid, block=BLOCK):
   return float(max(0.0, _border_excess(edited, valid, block) - _border_excess(reference, valid, block)))
 
 
+def _blend_share(original, truth, edited, valid):
+  """Least-squares s in [0, 1] with edited ~ original + s (truth - original) on `valid` pixels:
+  the reference quality is measured against (unbiased by zero-mean noise)."""
+  d = (truth - original)[valid]
+  denom = float(np.sum(d ** 2))
+  if denom < 1e-12:
+    return 1.0
+  return float(np.clip(np.sum((edited - original)[valid] * d) / denom, 0.0, 1.0))
+
+
 def _penalty(value, zero_at):
   """Linear penalty in [0, 1], with a dead zone for measurement noise."""
   return float(np.clip((value / zero_at - DEAD_ZONE) / (1 - DEAD_ZONE), 0.0, 1.0))
 
 
-def _valid_pixels(cell_dev, shape):
-  """bool [H, W]: pixels away (one cell) from changed cells, where quality is measured."""
-  changed = _window_max(cell_dev > CELL_TOL, 1).astype(np.float64)[..., None]
-  return _upsample_blocks(changed, shape[:2] + (1,))[..., 0] < 0.5
+def _valid_pixels(cell_dev, shape, margin=2):
+  """bool [H, W]: pixels at least `margin` + 1 pixels away from changed cells, where quality is
+  measured (the edges of an unasked change are not artifacts)."""
+  changed = (cell_dev > CELL_TOL).astype(np.float64)[..., None]
+  changed = _upsample_blocks(changed, shape[:2] + (1,))[..., 0] > 0.5
+  return ~_window_max(changed, margin)
 
 
 def judge(original, truth, edited):
@@ -561,18 +597,22 @@ def judge(original, truth, edited):
   Returns:
     dict: `scores` float32 [3] in [0, 5] (instruction following, detail preserving,
     generation quality; 5 = perfect), and the measurements behind them: `following`
-    (share of the edit applied), `changed` (share of unrelated cells changed),
-    `cell_dev` [h, w], `noise` (std), `sharpness` (edge-contrast ratio), `blocking`.
+    (`covered` x `on_path`: share of the way to the truth covered, and share of the edit's
+    cells that stay on the way from the original to the truth), `changed` (share of unrelated cells changed),
+    `cell_dev` [h, w], `noise` (std), `sharpness` (edge-contrast ratio), `blocking`,
+    `measured_area` (share of pixels where quality could be measured), `penalties`.
   """
   o, t, e = (to_float(x) if np.asarray(x).dtype == np.uint8 else np.asarray(x, np.float64)
              for x in (original, truth, edited))
   if not o.shape == t.shape == e.shape:
     raise ValueError(f"judge: shapes differ: original {o.shape}, truth {t.shape}, edited {e.shape}")
-  following = measure_following(o, t, e)
-  changed, cell_dev = measure_changes(o, t, e)
-  reference = o + following * (t - o)
+  changed, cell_dev, cell_changed = measure_changes(o, t, e)
+  covered, on_path = measure_following(o, t, e), measure_on_path(o, t, cell_changed)
+  # Following needs both: getting closer to the truth, and by way of colours the edit leads to.
+  following = covered * on_path
   valid = _valid_pixels(cell_dev, o.shape)
-  m = {"following": following, "changed": changed, "cell_dev": cell_dev,
+  reference = o + _blend_share(o, t, e, valid) * (t - o)
+  m = {"following": following, "covered": covered, "on_path": on_path, "changed": changed, "cell_dev": cell_dev,
        "noise": measure_noise(reference, e, (o, t), valid),
        "sharpness": measure_sharpness(reference, e, valid),
        "blocking": measure_blocking(reference, e, valid)}
@@ -580,10 +620,14 @@ def judge(original, truth, edited):
        "blur": _penalty(1.0 - m["sharpness"], BLUR_ZERO),
        "blocking": _penalty(m["blocking"], BLOCK_ZERO)}
   m["penalties"] = p
-  follow = 5.0 * min(1.0, following / FOLLOW_FULL)
+  follow = 5.0 * float(np.clip((following - FOLLOW_NONE) / (FOLLOW_FULL - FOLLOW_NONE), 0.0, 1.0))
   preserve = 5.0 * (1.0 - _penalty(changed, CHANGED_ZERO))
   # Blur and blocking both remove detail (blocking also lowers edge contrast): count the worse.
-  quality = 5.0 * (1.0 - min(1.0, p["noise"] + max(p["blur"], p["blocking"])))
+  # Quality is measured away from unasked changes; credit only what could be measured, so an
+  # image that changed everywhere (noise, a blank image) gets none.
+  m["measured_area"] = float(valid.mean())
+  coverage = min(1.0, m["measured_area"] / QUALITY_AREA)
+  quality = 5.0 * coverage * (1.0 - min(1.0, p["noise"] + max(p["blur"], p["blocking"])))
   m["scores"] = np.array([follow, preserve, quality], np.float32)
   return m
 
