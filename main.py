@@ -20,6 +20,7 @@ JOBS = {
     "evaluate": "mre_jax.evaluators:evaluate",
     "annotate": "mre_jax.annotate:annotate",
     "edit": "mre_jax.edit:edit",
+    "vae": "mre_jax.vae_train:train_vae",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:variant]).",

@@ -1,4 +1,4 @@
-"""Training config. Variants: default (embedded tiny demo on synthetic data) and `sd15` (the paper).
+"""Training config. Variants: default (the embedded demo), `tiny` (tests) and `sd15` (the paper).
 
 python main.py --config=configs/train.py --workdir=W
 python main.py --config=configs/train.py:sd15 --config.model.pretrained=IP2P_DIR \
@@ -26,17 +26,24 @@ def get_config(arg: str | None = None):
   config.model.dtype = "float32"  # compute dtype (params stay float32): float32 | bfloat16
   config.model.remat = False  # gradient checkpointing of the U-Net blocks
   config.model.reward_dropout = 0.1  # dropout inside the MRC block (training only)
+  config.model.vae = "synthetic_64px"  # init=tiny: a shipped VAE (tiny.VAES), a diffusers folder, or "" (random)
+  config.model.unet = ml_collections.ConfigDict()  # init=tiny: fields of models.UNetConfig over tiny.UNET
+  config.model.unet.block_out_channels = (32, 64, 128)
+  config.model.unet.attention_head_dim = (1, 2, 4)  # heads per level (diffusers' name)
+  config.model.unet.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+  config.model.unet.up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "synthetic_edit"  # a builder in data/: synthetic_edit, instruct_pix2pix, reward_edit
-  config.data.builder_config = "32px"  # builder config name ("" = the builder's default)
+  config.data.builder_config = "64px"  # builder config name ("" = the builder's default)
   config.data.data_dir = ""  # where TFDS data is built/read ("" = <workdir>/tfds)
   config.data.manual_dir = ""  # local source files for instruct_pix2pix / reward_edit
   config.data.split = "train"
-  config.data.crop_size = 32  # training resolution in pixels (256 for SD)
+  config.data.crop_size = 64  # training resolution in pixels (256 for SD)
   config.data.resize = "short_side"  # short_side + random crop, or square (the release)
   config.data.flip = True  # random horizontal flip (the same for both images)
-  config.data.latent_cache = ""  # precomputed encoder outputs (job precompute) to train from
+  config.data.latent_cache = "auto"  # encoder outputs to train from: a cache folder (job precompute),
+  # "auto" (<workdir>/latents, written on first use) or "" (encode every batch)
   config.data.worker_count = 0  # grain worker processes (0: threads in this process)
   config.data.prefetch = 8  # batches prefetched
 
@@ -62,10 +69,21 @@ def get_config(arg: str | None = None):
   config.mesh.fsdp = 1  # axis that also splits params / EMA / optimiser state
   config.mesh.fsdp_min_size = 2**14  # arrays smaller than this stay replicated
 
-  config.sample = ml_collections.ConfigDict()  # PNG grids: original | target | edit@5,5,5 | edit@own
+  config.sample = ml_collections.ConfigDict()  # PNG grids: input | truth | target | edit@5,5,5 | edit@own
   config.sample.every = 100  # steps between grids (0: never); also at the end
   config.sample.count = 4  # examples in a grid (the split's first ones)
+  config.sample.split = "test"  # where they come from (the training split if the data has no such split)
   config.sample.steps = 20  # Euler ancestral steps
+  config.sample.tile = 256  # minimum tile side in pixels (images are upscaled by nearest neighbour)
+
+  config.eval = ml_collections.ConfigDict()  # at the end: exact judge on held-out synthetic edits
+  config.eval.count = 140  # test examples (categories cycle: 20 each); 0: no evaluation
+  config.eval.split = "test"
+  config.eval.steps = 20  # Euler ancestral steps
+  config.eval.text_guidance = 7.5
+  config.eval.image_guidance = 1.5
+  config.eval.seed = 0  # example i draws its noise from (seed, i)
+  config.eval.batch_size = 35  # edits per sampler call
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 100  # steps between saves (also saved at the end and on SIGTERM)
@@ -78,7 +96,15 @@ def get_config(arg: str | None = None):
   config.distributed.num_processes = 0  # 0 = from the environment
   config.distributed.process_id = -1  # -1 = from the environment
 
-  if arg == "sd15":  # SPEC section 3: stage 2 from an InstructPix2Pix / stage-1 folder
+  if arg == "tiny":  # the tests' runs: 32 px, a random tiny model (8x VAE), no cache, no evaluation
+    config.model.vae = ""
+    config.model.unet = ml_collections.ConfigDict()
+    config.data.builder_config = "32px"
+    config.data.crop_size = 32
+    config.data.latent_cache = ""
+    config.sample.tile = 32
+    config.eval.count = 0
+  elif arg == "sd15":  # SPEC section 3: stage 2 from an InstructPix2Pix / stage-1 folder
     config.num_steps = 10_000
     config.batch_size = 16  # per GPU 4 x 4 accumulation in the release; scale with devices
     config.grad_accum_steps = 4
@@ -89,11 +115,13 @@ def get_config(arg: str | None = None):
     config.data.name = "reward_edit"
     config.data.builder_config = ""
     config.data.crop_size = 256
+    config.data.latent_cache = ""
     config.data.worker_count = 8
     config.optim.lr = 5e-5
     config.checkpoint.every = 1000
     config.sample.every = 1000
     config.sample.steps = 30
-  elif arg not in (None, "", "tiny"):
+    config.eval.count = 0  # the exact judge needs the synthetic world; evaluate with configs/evaluate.py
+  elif arg not in (None, ""):
     raise ValueError(f"configs/train.py: unknown variant {arg!r} (expected tiny or sd15)")
   return config

@@ -9,6 +9,7 @@ vocabulary: every byte, plus whole-word merges for common edit words.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from mre_jax import export, models, pretrained, weights
@@ -65,15 +66,36 @@ def write_tokenizer(folder: Path, words=WORDS) -> int:
   return len(vocab)
 
 
-def write_frozen_parts(folder: str | Path, seed: int = 0) -> Path:
-  """Random tiny tokenizer/, vae/, text_encoder/ and scheduler/ in diffusers format."""
+# Trained VAEs shipped with the package (diffusers folders holding vae/), by name.
+ASSETS = Path(__file__).parent / "assets"
+VAES = {"synthetic_64px": ASSETS / "vae_synthetic_64px"}
+
+
+def vae_folder(name: str) -> Path | None:
+  """The diffusers folder (with vae/) of `name`: a shipped VAE's name, a path, or "" (None: random)."""
+  if not name:
+    return None
+  folder = VAES.get(name, Path(name))
+  if not (folder / "vae" / "config.json").is_file():
+    raise FileNotFoundError(f"VAE {name!r}: {folder / 'vae' / 'config.json'} does not exist (expected one of "
+                            f"{sorted(VAES)} or a diffusers folder holding vae/)")
+  return folder
+
+
+def write_frozen_parts(folder: str | Path, seed: int = 0, vae: str = "") -> Path:
+  """Tiny tokenizer/, text_encoder/ (random) and scheduler/ in diffusers format, and vae/:
+  random tiny, or copied from `vae` (see `vae_folder`)."""
   folder = Path(folder)
   vocab_size = write_tokenizer(folder / "tokenizer")
-  vae = pretrained.make_vae(VAE)
-  vae_params = weights.init_like_torch(pretrained.vae_param_shapes(vae), seed + 1)
   text = pretrained.make_text_encoder(text_config(vocab_size))
   text_params = weights.init_like_torch(pretrained.text_encoder_param_shapes(text), seed + 2)
-  export.write_component(folder / "vae", VAE, pretrained.vae_state_dict(vae_params), export.UNET_WEIGHTS)
+  source = vae_folder(vae)
+  if source is None:
+    vae_module = pretrained.make_vae(VAE)
+    vae_params = weights.init_like_torch(pretrained.vae_param_shapes(vae_module), seed + 1)
+    export.write_component(folder / "vae", VAE, pretrained.vae_state_dict(vae_params), export.UNET_WEIGHTS)
+  else:
+    shutil.copytree(source / "vae", folder / "vae")
   export.write_component(folder / "text_encoder", text_config(vocab_size),
                          pretrained.text_encoder_state_dict(text_params), export.TEXT_WEIGHTS)
   (folder / "scheduler").mkdir(exist_ok=True)

@@ -97,7 +97,7 @@ def prepare_workdir(config, workdir: Path) -> tuple[checkpointing.ModelSpec, Any
   if jax.process_index() == 0:
     tmp = checkpointing.staging_dir(workdir / checkpointing.FROZEN_DIR)
     if config.model.init == "tiny":
-      tiny.write_frozen_parts(tmp, seed=config.seed)
+      tiny.write_frozen_parts(tmp, seed=config.seed, vae=config.model.get("vae", ""))
     else:
       source = config.model.pretrained
       source = checkpointing.frozen_dir(source) if checkpointing.is_checkpoint(source) else source
@@ -260,32 +260,49 @@ def _sync(name: str) -> None:
 BATCH_KEYS = ("original", "edited", "instruction_ids", "reward_ids", "scores")
 
 
-def make_data_iterator(config, frozen: Frozen, workdir: Path):
-  """(checkpointable iterator of this process's batches, sample-grid batch or None)."""
+def _builder(config, workdir: Path):
+  """The prepared TFDS builder of `config.data` (process 0 builds it on first use)."""
   from mre_jax import input_pipeline
   data = config.data
-  if data.latent_cache:  # precomputed encoder outputs: no images, so no sample grids
-    ds = input_pipeline.create_dataset(
-        latent_cache.CacheSource(data.latent_cache), global_batch_size=config.batch_size, seed=config.seed,
-        prepare_fn=functools.partial(latent_cache.prepare, flip=data.flip))
-    return input_pipeline.create_iterator(ds, worker_count=data.worker_count,
-                                          prefetch_buffer_size=data.prefetch), None
   data_dir = data.data_dir or str(workdir / "tfds")
   kwargs = {"config": data.builder_config} if data.builder_config else {}
   if jax.process_index() == 0:  # one process builds; the others read what it wrote
     input_pipeline.build_dataset(data.name, data_dir, data.manual_dir or None, **kwargs)
   _sync("dataset built")
-  builder = input_pipeline.build_dataset(data.name, data_dir, data.manual_dir or None, **kwargs)
+  return input_pipeline.build_dataset(data.name, data_dir, data.manual_dir or None, **kwargs)
+
+
+def cache_path(config, workdir: Path) -> str:
+  """The latent cache to train from: "" (none), `<workdir>/latents` for "auto", else the field."""
+  cache = config.data.latent_cache
+  return str(workdir / "latents") if cache == "auto" else cache
+
+
+def make_data_iterator(config, frozen: Frozen, workdir: Path, builder):
+  """(checkpointable iterator of this process's batches, sample-grid batch)."""
+  from mre_jax import input_pipeline
+  data = config.data
   tokenize_fn = input_pipeline.clip_tokenize_fn(frozen.tokenizer)
-  data_iter = input_pipeline.create_input_iterator(
-      builder, data.split, global_batch_size=config.batch_size, crop_size=data.crop_size, tokenize_fn=tokenize_fn,
-      seed=config.seed, resize=data.resize, flip=data.flip, worker_count=data.worker_count,
-      prefetch_buffer_size=data.prefetch)
-  # The same first examples on every process, unshuffled and unflipped: the sample grid's inputs.
+  cache = cache_path(config, workdir)
+  if cache:  # precomputed encoder outputs
+    ds = input_pipeline.create_dataset(
+        latent_cache.CacheSource(cache), global_batch_size=config.batch_size, seed=config.seed,
+        prepare_fn=functools.partial(latent_cache.prepare, flip=data.flip))
+    data_iter = input_pipeline.create_iterator(ds, worker_count=data.worker_count, prefetch_buffer_size=data.prefetch)
+  else:
+    data_iter = input_pipeline.create_input_iterator(
+        builder, data.split, global_batch_size=config.batch_size, crop_size=data.crop_size, tokenize_fn=tokenize_fn,
+        seed=config.seed, resize=data.resize, flip=data.flip, worker_count=data.worker_count,
+        prefetch_buffer_size=data.prefetch)
+  if builder is None or not config.sample.every:
+    return data_iter, None
+  # The same first examples on every process, unshuffled and unflipped: the sample grid's inputs
+  # (held out from training where the builder has the sample split).
+  split = config.sample.split if config.sample.split in builder.info.splits else data.split
   sample_ds = input_pipeline.create_dataset(
-      input_pipeline.data_source(builder, data.split), global_batch_size=config.sample.count,
+      input_pipeline.data_source(builder, split), global_batch_size=config.sample.count,
       crop_size=data.crop_size, tokenize_fn=tokenize_fn, seed=config.seed, resize=data.resize, flip=False,
-      shuffle=False, process_index=0, process_count=1)
+      shuffle=False, process_index=0, process_count=1, keep_truth="truth" in builder.info.features)
   return data_iter, sample_ds[0]
 
 
@@ -341,7 +358,14 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
   repl = sharding.replicated(mesh)
   fparams = sharding.place(fparams, jax.tree_util.tree_map(lambda _: repl, fparams))
 
-  data_iter, sample_batch = make_data_iterator(config, frozen, workdir)
+  cache = cache_path(config, workdir)
+  builder = _builder(config, workdir) if not cache or config.sample.every or config.eval.count else None
+  if cache and not (Path(cache) / latent_cache.INDEX).exists():
+    if config.data.latent_cache != "auto":
+      raise FileNotFoundError(f"config.data.latent_cache={cache}: no latent cache there (make one with "
+                              "--config.job=precompute, or set it to 'auto')")
+    write_latent_cache(config, builder, frozen, jax.device_get(fparams), Path(cache))
+  data_iter, sample_batch = make_data_iterator(config, frozen, workdir, builder)
   manager = checkpointing.make_manager(workdir, max_to_keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
   if manager.latest_step() is not None:
@@ -358,13 +382,16 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
                         config=config),
       in_shardings=(state_sh, sharding.batch_sharding(mesh), repl, repl), out_shardings=(state_sh, repl),
       donate_argnums=0)
-  sample_fn = None if sample_batch is None else functools.partial(
-      _sample_grid, make_sampler(config, unet, frozen), sample_batch, frozen)
+  sample_fn = None if sample_batch is None else make_sample_grid_fn(config, unet, frozen, sample_batch)
   try:
-    return _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sample_fn)
+    state = _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sample_fn)
   finally:
     manager.wait_until_finished()
     manager.close()
+  if config.eval.count and jax.process_index() == 0 and int(jax.device_get(state.step)) == config.num_steps:
+    from mre_jax import synthetic_eval
+    synthetic_eval.evaluate_run(config, workdir, builder)
+  return state
 
 
 def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sample_fn) -> TrainState:
@@ -414,17 +441,24 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sa
 # ----------------------------------------------------------------------------- samples and logs
 
 
-def make_sampler(config, unet, frozen: Frozen):
+GRID_LABELS = ("input", "truth", "target", "edit at 5,5,5", "edit at target's rewards")
+
+
+def make_sample_grid_fn(config, unet, frozen: Frozen, batch):
+  """fn(ema_params, fparams) -> uint8 grid image of `batch` (see `_sample_grid`), built once per run."""
   from mre_jax import sampling
   spec = sampling.SamplerSpec(scheduler="euler_ancestral", num_steps=config.sample.steps)
-  return sampling.make_sample_fn(unet, frozen.vae, frozen.scaling_factor, spec)
+  sample_fn = sampling.make_sample_fn(unet, frozen.vae, frozen.scaling_factor, spec)
+  encode = jax.jit(functools.partial(pretrained.encode_text, frozen.text_encoder))
+  return functools.partial(_sample_grid, sample_fn, encode, batch, frozen, config.sample.tile)
 
 
-def _sample_grid(sample_fn, batch, frozen: Frozen, ema_params, fparams) -> np.ndarray:
-  """uint8 [n*H, 4*W, 3]: per example, original | target | edit at (5, 5, 5) | edit at its own rewards."""
+def _sample_grid(sample_fn, encode, batch, frozen: Frozen, tile: int, ema_params, fparams) -> np.ndarray:
+  """uint8 grid: a header row of labels, then per example: input | truth (if the data has it) |
+  target | edit at (5, 5, 5) and "None; None; None" | edit at the target's own rewards; tiles
+  upscaled (nearest) to at least `tile` pixels."""
   from mre_jax import input_pipeline, sampling
   n = batch["original"].shape[0]
-  encode = jax.jit(functools.partial(pretrained.encode_text, frozen.text_encoder))
   best_text = pretrained.tokenize(frozen.tokenizer, ["; ".join(input_pipeline.BEST_REWARD_TEXTS)] * n)
   context, _ = encode(fparams["text"], batch["instruction_ids"])
   null_context, _ = encode(fparams["text"], jnp.broadcast_to(fparams["empty_ids"], batch["instruction_ids"].shape))
@@ -437,8 +471,26 @@ def _sample_grid(sample_fn, batch, frozen: Frozen, ema_params, fparams) -> np.nd
   at_best, _ = sample_fn(ema_params, fparams["vae"], cond, guidance)
   at_own, _ = sample_fn(ema_params, fparams["vae"], cond._replace(scores=batch["scores"], reward_embeds=own), guidance)
   to01 = lambda x: np.clip(np.asarray(x) / 2 + 0.5, 0, 1)
-  rows = np.concatenate([to01(batch["original"]), to01(batch["edited"]), np.asarray(at_best), np.asarray(at_own)], 2)
-  return (np.concatenate(list(rows), 0) * 255).round().astype(np.uint8)
+  columns = [to01(batch["original"])] + ([to01(batch["truth"])] if "truth" in batch else [])
+  columns += [to01(batch["edited"]), np.asarray(at_best), np.asarray(at_own)]
+  labels = GRID_LABELS if "truth" in batch else GRID_LABELS[:1] + GRID_LABELS[2:]
+  return labelled_grid(columns, labels, tile)
+
+
+def labelled_grid(columns: list[np.ndarray], labels, tile: int) -> np.ndarray:
+  """uint8 [header + n * T, len(columns) * T, 3] from columns of float [n, H, W, 3] in [0, 1]:
+  each image upscaled by nearest neighbour to T = H * ceil(tile / H) pixels, one label per column."""
+  from PIL import Image, ImageDraw
+  scale = max(1, -(-tile // columns[0].shape[1]))
+  up = [np.repeat(np.repeat(np.asarray(c), scale, axis=1), scale, axis=2) for c in columns]
+  body = np.concatenate([np.concatenate(list(c), axis=0) for c in up], axis=1)
+  body = (np.clip(body, 0, 1) * 255).round().astype(np.uint8)
+  header = Image.new("RGB", (body.shape[1], 24), (255, 255, 255))
+  draw = ImageDraw.Draw(header)
+  width = up[0].shape[2]
+  for i, label in enumerate(labels):
+    draw.text((i * width + 6, 6), label, fill=(0, 0, 0))
+  return np.concatenate([np.asarray(header), body], axis=0)
 
 
 def _write_png(image: np.ndarray, path: Path) -> None:
@@ -486,10 +538,9 @@ def precompute_latents(config, workdir: str | None) -> Path:
   only the U-Net. Images are encoded uncropped-at-random and unflipped; each process encodes
   its slice on its own devices.
   """
-  from mre_jax import input_pipeline
   if not workdir:
     raise ConfigError("--workdir is required: the frozen encoders are read from (or written to) it")
-  if not config.data.latent_cache:
+  if not config.data.latent_cache or config.data.latent_cache == "auto":
     raise ConfigError("config.data.latent_cache is required (job 'precompute'): the folder to write")
   cache = Path(config.data.latent_cache).absolute()
   if (cache / latent_cache.INDEX).exists():
@@ -499,10 +550,13 @@ def precompute_latents(config, workdir: str | None) -> Path:
   workdir.mkdir(parents=True, exist_ok=True)
   prepare_workdir(config, workdir)
   frozen, fparams = load_frozen(workdir, jnp.float32)
+  return write_latent_cache(config, _builder(config, workdir), frozen, fparams, cache)
+
+
+def write_latent_cache(config, builder, frozen: Frozen, fparams, cache: Path) -> Path:
+  """Encodes `config.data.split` of `builder` with the frozen encoders into `cache`."""
+  from mre_jax import input_pipeline
   data = config.data
-  data_dir = data.data_dir or str(workdir / "tfds")
-  kwargs = {"config": data.builder_config} if data.builder_config else {}
-  builder = input_pipeline.build_dataset(data.name, data_dir, data.manual_dir or None, **kwargs)
   ds = input_pipeline.create_dataset(
       input_pipeline.data_source(builder, data.split), global_batch_size=config.batch_size,
       crop_size=data.crop_size, tokenize_fn=input_pipeline.clip_tokenize_fn(frozen.tokenizer), seed=config.seed,
@@ -521,4 +575,5 @@ def precompute_latents(config, workdir: str | None) -> Path:
   if index == 0:
     latent_cache.write_index(cache, shards)
     print(f"wrote latent cache {cache}: {sum(len(v) for v in rows['scores'])} examples per process")
+  _sync("latent cache indexed")
   return cache

@@ -30,7 +30,7 @@ def tfds_dir(tmp_path_factory):
 
 
 def _config(tfds_dir, **overrides):
-  config = train_config.get_config()
+  config = train_config.get_config("tiny")
   config.data.data_dir = tfds_dir
   config.data.builder_config = "tiny"
   config.batch_size = 4
@@ -53,7 +53,7 @@ def _leaves(tree):
 
 
 def _cli_args(tfds_dir, workdir, steps):
-  return [sys.executable, "main.py", "--config=configs/train.py", f"--workdir={workdir}",
+  return [sys.executable, "main.py", "--config=configs/train.py:tiny", f"--workdir={workdir}",
           f"--config.data.data_dir={tfds_dir}", "--config.data.builder_config=tiny", "--config.batch_size=4",
           f"--config.num_steps={steps}", "--config.checkpoint.every=1", "--config.checkpoint.async_save=False"]
 
@@ -73,13 +73,20 @@ def _copy_run(reference, target, last_step):
   return target
 
 
-def test_train_writes_checkpoints_logs_and_learns(reference):
+def test_train_writes_checkpoints_logs_and_learns(reference, tfds_dir):
   workdir, state = reference
   assert int(state.step) == 6 and checkpointing.is_checkpoint(workdir)
   assert sorted(int(p.name) for p in (workdir / "state").iterdir()) == [4, 5, 6]  # keep=3
   assert list((workdir / "tensorboard").iterdir())
   grid = np.asarray(Image.open(workdir / "samples" / "step_0000006.png"))
-  assert grid.shape == (4 * 32, 4 * 32, 3)  # 4 examples x (original | target | edit@5,5,5 | edit@own)
+  # A 24 px header, then 4 held-out examples x (input | truth | target | edit@5,5,5 | edit@own).
+  assert grid.shape == (24 + 4 * 32, 5 * 32, 3)
+  assert (grid[:24] < 128).any() and (grid[:24] == 255).mean() > 0.8  # dark labels on white
+  from mre_jax import input_pipeline
+  first = input_pipeline.data_source(input_pipeline.build_dataset("synthetic_edit", tfds_dir, config="tiny"), "test")[0]
+  np.testing.assert_array_equal(grid[24:56, :32], first["original"])
+  np.testing.assert_array_equal(grid[24:56, 32:64], first["truth"])
+  np.testing.assert_array_equal(grid[24:56, 64:96], first["edited"])
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [2, 4, 6] and all(np.isfinite(l["loss"]) for l in lines)
   _, params = checkpointing.restore_params(workdir, use_ema=False)
@@ -219,6 +226,15 @@ def test_bfloat16_compute_with_remat_and_accumulation_trains(tfds_dir, tmp_path)
   assert all(np.isfinite(l["loss"]) and l["grad_norm"] > 0 for l in lines)
 
 
+def test_labelled_grid_upscales_tiles_by_nearest_neighbour():
+  columns = [np.random.default_rng(i).uniform(size=(2, 8, 8, 3)) for i in range(3)]
+  grid = train.labelled_grid(columns, ("a", "b", "c"), tile=20)  # 8 px -> x3 = 24 px tiles
+  assert grid.shape == (24 + 2 * 24, 3 * 24, 3)
+  tile = grid[24 + 24:24 + 48, 2 * 24:3 * 24].astype(np.float64)  # example 1, column 2
+  expected = np.repeat(np.repeat(np.round(columns[2][1] * 255), 3, axis=0), 3, axis=1)
+  np.testing.assert_array_equal(tile, expected)
+
+
 @pytest.mark.parametrize("override,message", [
     ({"optim.lr": -1.0}, "config.optim.lr=-1.0"),
     ({"batch_size": 6, "grad_accum_steps": 4}, "config.batch_size=6 is not divisible"),
@@ -234,7 +250,7 @@ def test_bad_config_fails_before_compiling(override, message, tmp_path):
 def test_ema_decay_matches_diffusers_ema_model():
   torch = pytest.importorskip("torch")
   from diffusers.training_utils import EMAModel
-  config = train_config.get_config()
+  config = train_config.get_config("tiny")
   ema = EMAModel([torch.nn.Parameter(torch.zeros(1))])
   for step in (1, 2, 3, 10, 1000, 10**6):
     assert float(train.ema_decay(np.int32(step), config.ema)) == pytest.approx(ema.get_decay(step), rel=1e-6)
@@ -244,7 +260,7 @@ def _run_devices(tfds_dir, workdir, devices, data, fsdp):
   code = (
       "import sys, numpy as np, jax\n"
       "from configs import train as c\nfrom mre_jax import train\n"
-      "cfg = c.get_config(); cfg.data.data_dir = sys.argv[1]; cfg.data.builder_config = 'tiny'\n"
+      "cfg = c.get_config('tiny'); cfg.data.data_dir = sys.argv[1]; cfg.data.builder_config = 'tiny'\n"
       "cfg.batch_size = 8; cfg.num_steps = 3; cfg.log_every = 1; cfg.checkpoint.async_save = False\n"
       f"cfg.mesh.data = {data}; cfg.mesh.fsdp = {fsdp}; cfg.mesh.fsdp_min_size = 1024\n"
       "state = train.train_and_evaluate(cfg, sys.argv[2])\n"
