@@ -21,6 +21,7 @@ JOBS = {
     "annotate": "mre_jax.annotate:annotate",
     "edit": "mre_jax.edit:edit",
     "vae": "mre_jax.vae_train:train_vae",
+    "study": "mre_jax.study:run_study",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:variant]).",

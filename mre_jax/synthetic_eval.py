@@ -45,13 +45,18 @@ def _text(value) -> str:
 
 
 def load_test_set(builder, split: str = "test", count: int = 0) -> TestSet:
-  """The first `count` (0: all) examples of a synthetic_edit split (categories cycle by index)."""
+  """`count` examples of a synthetic_edit split (0: all), the same number from every category
+  where it divides (else the first categories get one more), each category's in record order."""
   source = input_pipeline.data_source(builder, split)
-  n = len(source) if count <= 0 else count
-  if n > len(source):
-    raise ValueError(f"{builder.name}:{builder.builder_config.name} split {split!r} has {len(source)} examples, "
-                     f"{n} requested (config.eval.count)")
-  rows = [source[i] for i in range(n)]
+  count = len(source) if count <= 0 else count
+  categories = [_text(source[i]["category"]) for i in range(len(source))]
+  names = [c for c in synthetic.CATEGORIES if c in categories]
+  wanted = {c: count // len(names) + (k < count % len(names)) for k, c in enumerate(names)}
+  picked = [i for c in names for i in [j for j, x in enumerate(categories) if x == c][:wanted[c]]]
+  if len(picked) < count:
+    raise ValueError(f"{builder.name}:{builder.builder_config.name} split {split!r} has too few examples for "
+                     f"{count} balanced over {len(names)} categories (config.eval.count)")
+  rows = [source[i] for i in picked]
   return TestSet(np.stack([r["original"] for r in rows]), np.stack([r["truth"] for r in rows]),
                  [_text(r["instruction"]) for r in rows], [_text(r["category"]) for r in rows])
 

@@ -1,0 +1,196 @@
+"""The `study` job: the paper's ablation, reward conditioning against no rewards, on the synthetic world.
+
+python main.py --config=configs/study.py --workdir=OUT [--config=configs/study.py:quick]
+
+For every seed, two models train on the same data (synthetic_edit: most targets are corrupted
+edits, with their judged scores and failure texts), for the same steps, from the same seed:
+the reward model (stage 2, `model.reward=True`) and the baseline (`model.reward=False`). Both
+go through the train job users run (TFDS builder, grain pipeline over the latent cache, the
+sharded train step), then the editor (`edit.load_editor`) edits the same held-out examples
+with the same noise: the reward model at rewards (5, 5, 5) and "None; None; None". The exact
+judge (`synthetic_eval`) scores every edit. The knobs: the reward model edits again while
+the requested score of one perspective goes through `config.eval.knob_values` with the other
+two at 5 (its reward text says "None" at 5, else a generic failure of that perspective).
+
+OUT/
+  tfds/                             the data every model reads
+  reward_seed<s>/, baseline_seed<s>/  the train job's workdirs (checkpoints, latent cache,
+                                    logs, samples); a seed's two models share frozen parts
+  edits/<name>.npz                  every edit made (uint8), so a rerun resumes
+  table.json, table.md              means, paired differences, 95% bootstrap intervals over
+                                    seeds and examples, per perspective and category; knobs
+  bars.png, knobs.png, examples.png the figures
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mre_jax import checkpointing, edit, input_pipeline, synthetic_eval, train
+from mre_jax.errors import ConfigError
+from mre_jax.synthetic_eval import PERSPECTIVES
+
+ARMS = ("baseline", "reward")
+# Reward text of a perspective whose requested score is below 5 (the data's generic wording).
+KNOB_TEXTS = ("the edit is only partly applied", "the image changed", "the image is noisy")
+
+
+def validate(config) -> None:
+  if not config.seeds:
+    raise ConfigError("config.seeds is empty: the study needs at least one seed")
+  if config.train.stage != 2:
+    raise ConfigError(f"config.train.stage={config.train.stage}: the study compares stage-2 models")
+  if config.eval.count < 1 or config.eval.knob_count < 1:
+    raise ConfigError(f"config.eval.count={config.eval.count}, config.eval.knob_count={config.eval.knob_count}: "
+                      "must be >= 1")
+  bad = [k for k in config.eval.knob_values if not 0 <= k <= 5]
+  if bad:
+    raise ConfigError(f"config.eval.knob_values has {bad}: requested scores are in [0, 5]")
+
+
+def train_config(config, out: Path, arm: str, seed: int):
+  """The train job's config for one model: `config.train` with the arm's reward switch and seed."""
+  cfg = copy.deepcopy(config.train)
+  with cfg.unlocked():
+    cfg.seed = seed
+    cfg.model.reward = arm == "reward"
+    cfg.data.data_dir = cfg.data.data_dir or str(out / "tfds")
+    cfg.eval.count = 0  # the study evaluates both models itself, on the same examples
+  return cfg
+
+
+def train_models(config, out: Path) -> None:
+  """Trains (or resumes, or finds finished) every (arm, seed) model."""
+  for seed in config.seeds:
+    for arm in ARMS:
+      print(f"study: training {arm} seed {seed}", flush=True)
+      train.train_and_evaluate(train_config(config, out, arm, seed), str(out / f"{arm}_seed{seed}"))
+
+
+def knob_request(perspective: int, value: float) -> tuple[tuple[float, ...], str]:
+  """(scores, reward text) asking for `value` on one perspective and 5 on the others."""
+  scores = [5.0, 5.0, 5.0]
+  scores[perspective] = float(value)
+  texts = ["None"] * 3
+  if value < 5:
+    texts[perspective] = KNOB_TEXTS[perspective]
+  return tuple(scores), "; ".join(texts)
+
+
+def cached_edits(out: Path, name: str, make_fn) -> np.ndarray:
+  """uint8 edits stored under OUT/edits/<name>.npz; made (and stored atomically) when missing."""
+  path = out / "edits" / f"{name}.npz"
+  if path.is_file():
+    return np.load(path)["edits"]
+  images = make_fn()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp.npz")
+  np.savez_compressed(tmp, edits=images)
+  tmp.replace(path)
+  return images
+
+
+def _sampler(config) -> dict:
+  ev = config.eval
+  return dict(steps=ev.steps, text_guidance=ev.text_guidance, image_guidance=ev.image_guidance,
+              batch_size=ev.batch_size, seed=ev.seed)
+
+
+def edit_all(config, out: Path, test, knob_test) -> dict[str, np.ndarray]:
+  """Judged scores [seeds, N, 3] per model and per knob setting ("knob/<perspective>/<value>")."""
+  scores: dict[str, list] = {}
+  for seed in config.seeds:
+    editors = {}
+    for arm in ARMS:
+      def make(arm=arm):
+        editors.setdefault(arm, edit.load_editor(out / f"{arm}_seed{seed}"))
+        return synthetic_eval.edit_test_set(editors[arm], test, **_sampler(config))
+      scores.setdefault(arm, []).append(synthetic_eval.judge_set(test, cached_edits(out, f"{arm}_seed{seed}", make)))
+    for p, name in enumerate(PERSPECTIVES):
+      for value in config.eval.knob_values:
+        request, text = knob_request(p, value)
+
+        def make(request=request, text=text):
+          editors.setdefault("reward", edit.load_editor(out / f"reward_seed{seed}"))
+          return synthetic_eval.edit_test_set(editors["reward"], knob_test, scores=request, reward_text=text,
+                                              **_sampler(config))
+        images = cached_edits(out, f"reward_seed{seed}_knob_{name}_{value:g}", make)
+        scores.setdefault(f"knob/{name}/{value:g}", []).append(synthetic_eval.judge_set(knob_test, images))
+  return {k: np.stack(v) for k, v in scores.items()}
+
+
+def report(config, scores: dict[str, np.ndarray], test, knob_test) -> dict:
+  """The study's figures as a JSON-able dict (see the module docstring)."""
+  kw = dict(samples=config.eval.bootstrap_samples)
+  models = {arm: synthetic_eval.summarize(scores[arm], test.categories, **kw) for arm in ARMS}
+  models["reward - baseline"] = synthetic_eval.summarize(scores["reward"] - scores["baseline"], test.categories, **kw)
+  refs = {name: synthetic_eval.summarize(synthetic_eval.judge_set(test, images), test.categories, **kw)
+          for name, images in synthetic_eval.reference_edits(test).items()}
+  knobs = {name: {f"{v:g}": synthetic_eval.summarize(scores[f"knob/{name}/{v:g}"], knob_test.categories,
+                                                       **kw)["overall"]
+                  for v in config.eval.knob_values} for name in PERSPECTIVES}
+  return {"seeds": list(config.seeds), "steps": config.train.num_steps, "examples": len(test),
+          "knob_examples": len(knob_test), "models": models, "references": refs, "knobs": knobs,
+          "sampler": _sampler(config)}
+
+
+def _fmt(cell: dict, signed: bool = False) -> str:
+  lo, hi = cell["ci"]
+  return f"{cell['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]" if signed else f"{cell['mean']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def table_markdown(result: dict) -> str:
+  """Overall and per-category tables, and the knob table, of `report`'s result."""
+  m = result["models"]
+  lines = [f"Seeds {result['seeds']}, {result['steps']} steps each; {result['examples']} held-out edits per "
+           "model and seed; exact judge (0-5), mean [95% bootstrap interval over seeds and examples].", "",
+           "| model | " + " | ".join(PERSPECTIVES) + " |", "| --- |" + " --- |" * 3]
+  rows = [("baseline (no rewards)", m["baseline"]), ("reward model at 5,5,5", m["reward"])]
+  rows += [(f"reference: {k}", v) for k, v in result["references"].items()]
+  for name, summary in rows:
+    lines.append(f"| {name} | " + " | ".join(_fmt(summary["overall"][p]) for p in PERSPECTIVES) + " |")
+  diff = m["reward - baseline"]
+  lines.append("| **reward - baseline** (paired) | " + " | ".join(_fmt(diff["overall"][p], True) for p in PERSPECTIVES)
+               + " |")
+  for p in PERSPECTIVES:
+    lines += ["", f"{p}, per category:", "", "| category | n | baseline | reward model | reward - baseline |",
+              "| --- | --- | --- | --- | --- |"]
+    for row in diff:
+      lines.append(f"| {row} | {diff[row][p]['n']} | {_fmt(m['baseline'][row][p])} | {_fmt(m['reward'][row][p])} | "
+                   f"{_fmt(diff[row][p], True)} |")
+  lines += ["", f"Knobs: the reward model's judged scores ({result['knob_examples']} examples) when one "
+            "perspective's requested score varies and the other two are 5:", "",
+            "| requested | value | " + " | ".join(f"judged {p}" for p in PERSPECTIVES) + " |",
+            "| --- | --- |" + " --- |" * 3]
+  for name, curve in result["knobs"].items():
+    for value, cells in curve.items():
+      lines.append(f"| {name} | {value} | " + " | ".join(_fmt(cells[p]) for p in PERSPECTIVES) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def run_study(config, workdir: str | None) -> dict:
+  """Job: trains, edits, judges and reports (see the module docstring); resumes from `workdir`."""
+  if not workdir:
+    raise ConfigError("--workdir is required: models, edits and the report are written there")
+  validate(config)
+  out = Path(workdir).absolute()
+  out.mkdir(parents=True, exist_ok=True)
+  train_models(config, out)
+  data = config.train.data
+  builder = input_pipeline.build_dataset(data.name, data.data_dir or str(out / "tfds"), None,
+                                         config=data.builder_config)
+  test = synthetic_eval.load_test_set(builder, "test", config.eval.count)
+  knob_test = synthetic_eval.load_test_set(builder, "test", config.eval.knob_count)
+  scores = edit_all(config, out, test, knob_test)
+  result = report(config, scores, test, knob_test)
+  text = table_markdown(result)
+  checkpointing.write_text_atomic(out / "table.json", json.dumps(result, indent=2) + "\n")
+  checkpointing.write_text_atomic(out / "table.md", text)
+  from mre_jax import study_figures  # matplotlib: only the report needs it
+  study_figures.write_figures(out, result, config, test)
+  print(text)
+  return result

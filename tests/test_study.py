@@ -1,0 +1,77 @@
+"""The study job (configs/study.py:quick): runs end to end through the train job, the editor and the
+exact judge, and writes well-formed tables and figures. Who wins is not tested here."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import study as study_config
+from mre_jax import study, synthetic_eval
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+  out = tmp_path_factory.mktemp("study") / "out"
+  proc = subprocess.run([sys.executable, "main.py", "--config=configs/study.py:quick", f"--workdir={out}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return out, proc.stdout
+
+
+def test_quick_study_trains_both_arms_and_writes_its_report(quick_study):
+  out, stdout = quick_study
+  config = study_config.get_config("quick")
+  for arm in study.ARMS:
+    assert (out / f"{arm}_seed0" / "mre_model.json").is_file()
+  reward_spec = json.loads((out / "reward_seed0" / "mre_model.json").read_text())
+  baseline_spec = json.loads((out / "baseline_seed0" / "mre_model.json").read_text())
+  assert reward_spec["reward"] is True and baseline_spec["reward"] is False
+  result = json.loads((out / "table.json").read_text())
+  assert result["seeds"] == [0] and result["examples"] == config.eval.count
+  rows = ["overall"] + list(synthetic_eval.synthetic.CATEGORIES)
+  for model in ("baseline", "reward", "reward - baseline"):
+    assert list(result["models"][model]) == rows
+    for row in rows:
+      for p in synthetic_eval.PERSPECTIVES:
+        cell = result["models"][model][row][p]
+        lo, hi = cell["ci"]
+        assert lo <= cell["mean"] + 1e-9 and cell["mean"] <= hi + 1e-9
+        assert (-5 <= lo <= 5) if model == "reward - baseline" else (0 <= lo <= hi <= 5)
+  # The paired difference is the difference of the means (same examples, same seeds).
+  for p in synthetic_eval.PERSPECTIVES:
+    diff = result["models"]["reward - baseline"]["overall"][p]["mean"]
+    means = [result["models"][m]["overall"][p]["mean"] for m in ("reward", "baseline")]
+    assert diff == pytest.approx(means[0] - means[1], abs=1e-6)
+  assert result["references"]["truth"]["overall"]["following"]["mean"] == 5.0
+  assert result["references"]["input"]["overall"]["following"]["mean"] == 0.0
+  assert list(result["knobs"]) == list(synthetic_eval.PERSPECTIVES)
+  assert all(list(curve) == ["0", "5"] for curve in result["knobs"].values())
+  table = (out / "table.md").read_text()
+  assert "reward - baseline" in table and "Knobs" in table and table in stdout
+  for name in ("bars.png", "knobs.png", "examples.png"):
+    with Image.open(out / name) as image:
+      assert image.format == "PNG" and min(image.size) > 100
+  edits = np.load(out / "edits" / "reward_seed0.npz")["edits"]
+  assert edits.shape == (config.eval.count, 32, 32, 3) and edits.dtype == np.uint8
+
+
+def test_knob_request_asks_for_one_perspective():
+  assert study.knob_request(1, 2.0) == ((5.0, 2.0, 5.0), "None; the image changed; None")
+  assert study.knob_request(0, 5.0) == ((5.0, 5.0, 5.0), "None; None; None")
+
+
+def test_bootstrap_two_way_interval_covers_seed_spread():
+  rng = np.random.default_rng(0)
+  one_seed = rng.normal(3.0, 0.1, (1, 50))
+  three_seeds = one_seed + np.array([[-1.0], [0.0], [1.0]])  # same examples, runs far apart
+  narrow = synthetic_eval.bootstrap_mean(one_seed)
+  wide = synthetic_eval.bootstrap_mean(three_seeds)
+  assert narrow["ci"][1] - narrow["ci"][0] < 0.1
+  assert wide["ci"][1] - wide["ci"][0] > 1.0  # resampling the runs shows their spread
+  assert wide["mean"] == pytest.approx(one_seed.mean())
