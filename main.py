@@ -22,6 +22,7 @@ JOBS = {
     "edit": "mre_jax.edit:edit",
     "vae": "mre_jax.vae_train:train_vae",
     "study": "mre_jax.study:run_study",
+    "serve": "mre_jax.serve:serve",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:variant]).",
