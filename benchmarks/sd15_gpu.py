@@ -23,8 +23,10 @@ Runs (each in its own child process, so one that fails or runs out of memory cos
   steps with 3-way guidance, one batched U-Net call per step, VAE decode) at 512x512, batch B,
   U-Net in bfloat16 (VAE and text encoder float32), compiled ahead of time (compile time
   printed separately), then timed with text encoding and the host transfer included.
-ATTN is the U-Net attention kernel (`pretrained.set_attention`): auto (cuDNN flash attention
-on a GPU in bfloat16), xla (diffusers' [B*heads, T, S] score matrices) or cudnn.
+ATTN is the attention kernel family of the U-Net, VAE and text encoder (`ops.Kernels.attention`,
+`config.model.attention`): auto (cuDNN flash attention for bfloat16 self-attention on a GPU), xla
+(XLA's ops: [B, heads, T, S] score matrices) or cudnn (every layer). `attention_resolved` is
+what the first level's self-attention layer runs.
 
 `--report=FILE` prints a results file as tables, filling in MFU where the device gave no FLOP count
 (counting FLOPs needs only the program, so any machine can do it).
@@ -108,12 +110,12 @@ def unet_forward_flops(unet, params, batch: int, latent: int) -> float:
   Counted on the unoptimised program lowered for the CPU (the GPU backend gives no count for a
   lowered program), with XLA attention, so that no FLOPs hide in a cuDNN custom call.
   """
+  import dataclasses
   import jax
   import jax.numpy as jnp
-  from mre_jax import pretrained
   d = unet.config.cross_attention_dim
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  previous = pretrained.set_attention("xla")
+  unet = unet.clone(kernels=dataclasses.replace(unet.kernels, attention="xla"))
   try:
     fn = jax.jit(lambda p, x, t, c, s, e: unet.apply({"params": p}, x, t, c, s, e))
     traced = fn.trace(jax.tree_util.tree_map(lambda x: spec(*x.shape), params), spec(batch, latent, latent, 8),
@@ -123,8 +125,15 @@ def unet_forward_flops(unet, params, batch: int, latent: int) -> float:
     return float(cost["flops"])
   except Exception:  # the cost API differs across JAX versions
     return float("nan")
-  finally:
-    pretrained.set_attention(previous)
+
+
+def _resolved(attention: str, unet_cfg, latent: int) -> str:
+  """The kernel the first level's self-attention layer runs (bfloat16, latent x latent tokens)."""
+  import jax.numpy as jnp
+  from mre_jax.ops import attention as attention_ops
+  width, heads = unet_cfg.block_out_channels[0], unet_cfg.attention_head_dim
+  heads = heads[0] if isinstance(heads, (list, tuple)) else heads
+  return attention_ops.resolve(attention, jnp.bfloat16, t=latent**2, s=latent**2, head_dim=width // heads)
 
 
 def _peak(device) -> float | None:
@@ -170,14 +179,15 @@ def run_train(batch: int, remat: bool, attention: str, args) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from configs import train as train_config
-  from mre_jax import diffusion, models, pretrained, train, weights
-  pretrained.set_attention(attention)
+  from mre_jax import diffusion, models, ops, pretrained, train, weights
   size = (args.train_size or (64 if args.tiny else 256)) // 8
   unet_cfg, _, text_cfg = _configs(args.tiny)
   config = train_config.get_config("sd15")
   config.batch_size, config.grad_accum_steps, config.model.remat = batch, 1, remat
-  unet = models.RewardUNet(unet_cfg, reward=True, dtype=jnp.bfloat16, remat=remat)
-  text = pretrained.make_text_encoder(text_cfg, jnp.bfloat16)
+  config.model.attention = attention
+  kernels = ops.Kernels.from_config(config.model, "config.model")
+  unet = models.RewardUNet(unet_cfg, reward=True, dtype=jnp.bfloat16, remat=remat, kernels=kernels)
+  text = pretrained.make_text_encoder(text_cfg, jnp.bfloat16, kernels)
   frozen = train.Frozen(vae=None, text_encoder=text, tokenizer=None, scaling_factor=0.18215)
   t0 = time.perf_counter()
   host = models.init_unet_params(unet, 0)
@@ -207,7 +217,7 @@ def run_train(batch: int, remat: bool, attention: str, args) -> dict:
   compile_s = time.perf_counter() - t0
   device = jax.devices()[0]
   out = dict(run="train", batch=batch, remat=remat, attention=attention,
-             attention_resolved=pretrained.attention_implementation(jnp.bfloat16), latent=size,
+             attention_resolved=_resolved(attention, unet_cfg, size), latent=size,
              params_m=round(n_params / 1e6, 1), init_s=round(init_s, 1), compile_s=round(compile_s, 1),
              **_memory(compiled, device))
   if not out["fits"]:
@@ -235,14 +245,14 @@ def run_edit(batch: int, attention: str, args) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from mre_jax import edit, export, models, pretrained, weights
-  pretrained.set_attention(attention)
+  from mre_jax import edit, export, models, ops, pretrained, weights
   size = args.size or (64 if args.tiny else 512)
   unet_cfg, vae_cfg, text_cfg = _configs(args.tiny)
+  kernels = ops.Kernels(attention=attention)
   t0 = time.perf_counter()
-  unet = models.RewardUNet(unet_cfg, reward=True, dtype=jnp.bfloat16)
-  vae = pretrained.make_vae(vae_cfg)
-  text = pretrained.make_text_encoder(text_cfg)
+  unet = models.RewardUNet(unet_cfg, reward=True, dtype=jnp.bfloat16, kernels=kernels)
+  vae = pretrained.make_vae(vae_cfg, kernels=kernels)
+  text = pretrained.make_text_encoder(text_cfg, kernels=kernels)
   with tempfile.TemporaryDirectory() as tmp:
     tokenizer = _tokenizer(tmp)
   editor = edit.Editor(
@@ -270,7 +280,7 @@ def run_edit(batch: int, attention: str, args) -> dict:
   call()
   call_s, calls = _mean_seconds(call, 3, args.seconds)
   return dict(run="edit", batch=batch, attention=attention,
-              attention_resolved=pretrained.attention_implementation(jnp.bfloat16), size=size, steps=args.steps,
+              attention_resolved=_resolved(attention, unet_cfg, size // 8), size=size, steps=args.steps,
               init_s=round(init_s, 1), compile_s=round(compile_s, 1), s_per_call=round(call_s, 3),
               s_per_edit=round(call_s / batch, 3), calls=calls, finite=finite_all[0])
 

@@ -1,4 +1,4 @@
-"""The CPU kernels (mre_jax/cpu_kernels.py) against PyTorch: attention (SDPA), GroupNorm; their build."""
+"""The CPU kernels (mre_jax/ops/cpu_kernels.py) against PyTorch: attention (SDPA), GroupNorm; their build."""
 
 import os
 import shutil
@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mre_jax import cpu_kernels, models, pretrained, tiny
+from mre_jax import models, ops, tiny
+from mre_jax.models import layers
+from mre_jax.ops import attention, cpu_kernels, norm
 
 torch = pytest.importorskip("torch")
 
@@ -48,10 +50,9 @@ def test_fused_attention_and_its_gradients_match_torch_sdpa(rng, b, t, s, heads,
 
 
 @needs_kernel
-def test_auto_routes_every_unet_attention_and_group_norm_through_the_kernels_on_cpu(monkeypatch):
-  monkeypatch.setattr(pretrained, "_ATTENTION", ["auto"])
-  assert pretrained.attention_implementation(jnp.float32) == "cpu"
-  assert pretrained.attention_implementation(jnp.bfloat16) == "cpu"
+def test_auto_routes_every_unet_attention_and_group_norm_through_the_kernels_on_cpu():
+  for dtype in (jnp.float32, jnp.bfloat16):
+    assert attention.resolve("auto", dtype, t=64, s=77, head_dim=4) == "cpu"
   model = models.RewardUNet(tiny.UNET)
   params = models.unet_param_shapes(model)
   args = (jnp.zeros((1, 8, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 77, 32)), jnp.zeros((1, 3)), jnp.zeros((1, 32)))
@@ -67,18 +68,19 @@ def test_auto_routes_every_unet_attention_and_group_norm_through_the_kernels_on_
   assert len(norms) >= 10
   assert text.count("mre_cpu_group_norm_forward") == len(norms)
   assert text.count("mre_cpu_group_norm_backward") == len(norms)
-  monkeypatch.setattr(pretrained, "_ATTENTION", ["xla"])
-  assert "mre_cpu_attention_forward" not in jax.jit(loss).lower(params).as_text()
+  model = model.clone(kernels=ops.Kernels(attention="xla", norm="xla"))
+  assert "mre_cpu_" not in jax.jit(loss).lower(params).as_text()
 
 
 @needs_kernel
-def test_heads_wider_than_the_kernel_fall_back_to_xla(monkeypatch, rng):
-  monkeypatch.setattr(pretrained, "_ATTENTION", ["cpu"])
+def test_heads_wider_than_the_kernel_and_causal_masks_fall_back_to_xla(rng):
   d = cpu_kernels.MAX_HEAD_DIM + 16
   q = rng.standard_normal((1, 8, d)).astype(np.float32)
-  text = jax.jit(lambda q: pretrained.multi_head_attention(q, q, q, 1)).lower(q).as_text()
-  assert "mre_cpu_attention_forward" not in text
-  np.testing.assert_allclose(pretrained.multi_head_attention(q, q, q, 1), _sdpa(q, q, q, q, 1)[0], atol=1e-5)
+  fn = lambda q: attention.multi_head_attention(q, q, q, 1, "cpu")
+  assert "mre_cpu_attention_forward" not in jax.jit(fn).lower(q).as_text()
+  np.testing.assert_allclose(fn(q), _sdpa(q, q, q, q, 1)[0], atol=1e-5)
+  causal = lambda q: attention.multi_head_attention(q, q, q, 4, "cpu", causal=True)
+  assert "mre_cpu_attention_forward" not in jax.jit(causal).lower(q[..., :64]).as_text()
 
 
 @needs_kernel
@@ -109,19 +111,25 @@ def test_group_norm_and_its_gradients_match_torch(rng, shape, groups):
 
 
 @needs_kernel
-def test_group_norm_module_is_flax_group_norm_with_the_kernel(rng):
+def test_group_norm_layer_has_flax_parameters_and_results_with_either_kernel(rng):
   import flax.linen as nn
-  x = jnp.asarray(rng.standard_normal((2, 4, 4, 64)), jnp.float32)
-  ours, flax_gn = cpu_kernels.GroupNorm(num_groups=8, epsilon=1e-6), nn.GroupNorm(num_groups=8, epsilon=1e-6)
+  x = jnp.asarray(rng.standard_normal((2, 4, 4, 64)) * 2 + 1, jnp.float32)
+  ours, flax_gn = layers.GroupNorm(8, 1e-6), nn.GroupNorm(num_groups=8, epsilon=1e-6)
   params = flax_gn.init(jax.random.key(0), x)
   params = jax.tree.map(lambda a: a + jnp.asarray(rng.standard_normal(a.shape), jnp.float32), params)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, params)
-  assert "mre_cpu_group_norm_forward" in jax.jit(ours.apply).lower(params, x).as_text()
-  np.testing.assert_allclose(ours.apply(params, x), flax_gn.apply(params, x), atol=1e-5)
-  # bfloat16 compute is flax's own code
-  half = cpu_kernels.GroupNorm(num_groups=8, epsilon=1e-6, dtype=jnp.bfloat16)
-  assert "mre_cpu_group_norm" not in jax.jit(half.apply).lower(params, x).as_text()
-  assert half.apply(params, x).dtype == jnp.bfloat16
+  want = flax_gn.apply(params, x)
+  for implementation, kernel in (("auto", True), ("cpu", True), ("xla", False)):
+    module = ours.clone(implementation=implementation)
+    assert ("mre_cpu_group_norm_forward" in jax.jit(module.apply).lower(params, x).as_text()) == kernel
+    np.testing.assert_allclose(module.apply(params, x), want, atol=1e-5)
+  # bfloat16 input: XLA's ops, float32 statistics and output (float32 parameters), as PyTorch's autocast
+  half = x.astype(jnp.bfloat16)
+  assert norm.resolve("cpu", half, params["params"]["scale"]) == "xla"
+  assert ours.apply(params, half).dtype == jnp.float32
+  assert ours.clone(dtype=jnp.bfloat16).apply(params, half).dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="norm='fast': expected one of"):
+    ours.clone(implementation="fast").apply(params, x)
 
 
 def test_a_failed_build_names_the_command_and_leaves_no_library(tmp_path, monkeypatch):
@@ -153,7 +161,7 @@ def test_fused_attention_under_data_and_fsdp_sharding_matches_one_device(run_on_
   code = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from mre_jax import cpu_kernels
+from mre_jax.ops import cpu_kernels
 assert cpu_kernels.available()
 r = np.random.default_rng(0)
 q, k, v, g = (r.standard_normal((8, 40, 64)).astype(np.float32) for _ in range(4))

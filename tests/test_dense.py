@@ -1,4 +1,4 @@
-"""Dense layer (mre_jax/dense.py) against flax's own Dense, and where the U-Net uses it."""
+"""Dense layer (models/layers.py over ops/dense.py) against flax's own Dense, and where the models use it."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,9 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
-from mre_jax import dense, models, pretrained, tiny
+from mre_jax import models, pretrained, tiny
+from mre_jax.models import layers
+from mre_jax.ops import dense
 
 
 def _dots(jaxpr):
@@ -27,7 +29,7 @@ def _operand_ranks(fn, *args):
 
 def test_dense_matches_linen_dense_value_and_gradients_with_2d_matmuls(rng):
   x = jnp.asarray(rng.standard_normal((2, 3, 5, 7)), jnp.float32)
-  ours, ref = dense.Dense(4), nn.Dense(4)
+  ours, ref = layers.Dense(4), nn.Dense(4)
   params = ours.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
   params = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
@@ -49,8 +51,8 @@ def test_dense_leaves_batched_and_other_products_to_lax():
   assert _operand_ranks(first_axis, a, jnp.zeros((3, 2))) == [(3, 2, False)]
 
 
-def test_unet_and_vae_dense_layers_are_2d_matmuls():
-  """diffusers' attention / feed-forward layers and the reward modules all go through dense.Dense."""
+def test_unet_vae_and_text_encoder_dense_layers_are_2d_matmuls():
+  """Attention and feed-forward layers and the reward modules all go through layers.Dense."""
   model = models.RewardUNet(tiny.UNET)
   params = models.unet_param_shapes(model)
   args = (jnp.zeros((2, 8, 8, 8)), jnp.zeros((2,)), jnp.zeros((2, 77, 32)), jnp.zeros((2, 3)), jnp.zeros((2, 32)))
@@ -61,7 +63,12 @@ def test_unet_and_vae_dense_layers_are_2d_matmuls():
   assert len(weights) > 50
   assert all(lhs == 2 for lhs, _ in weights), sorted(set(weights))
   vae = pretrained.make_vae(tiny.VAE)
-  image = jax.ShapeDtypeStruct((1, 3, 16, 16), jnp.float32)  # diffusers' Flax VAE takes NCHW
+  image = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
   vae_ranks = _operand_ranks(lambda p, x: vae.apply({"params": p}, x), pretrained.vae_param_shapes(vae), image)
   vae_weights = [lhs for lhs, rhs, batched in vae_ranks if rhs == 2 and not batched]
   assert vae_weights and set(vae_weights) == {2}  # the mid-block attention's query/key/value/proj
+  text = pretrained.make_text_encoder(tiny.text_config(100))
+  ids = jax.ShapeDtypeStruct((2, 77), jnp.int32)
+  text_ranks = _operand_ranks(lambda p, x: text.apply({"params": p}, x), pretrained.text_encoder_param_shapes(text), ids)
+  text_weights = [lhs for lhs, rhs, batched in text_ranks if rhs == 2 and not batched]
+  assert len(text_weights) == 2 * 6 and set(text_weights) == {2}  # q, k, v, out, fc1, fc2 of 2 layers

@@ -1,4 +1,4 @@
-"""The Flax reward U-Net against the PyTorch twin and diffusers' UNet2DConditionModel."""
+"""Our reward U-Net (mre_jax/models/unet.py, unet_blocks.py) against the PyTorch twin and diffusers' UNet2DConditionModel."""
 
 import dataclasses
 
@@ -14,22 +14,11 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 
 from mre_jax import torch_twin  # noqa: E402
 
+import parity  # noqa: E402
+
 SD_WIDTH = models.UNetConfig(
     block_out_channels=(320, 640), layers_per_block=1, attention_head_dim=8, cross_attention_dim=768,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-
-
-def _randomize(module, seed):
-  """Perturbs every parameter (norm scales and biases too), so no weight is left at a trivial value."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-  return module.eval()
-
-
-def _state_dict(module):
-  return {k: v.detach().numpy() for k, v in module.state_dict().items()}
 
 
 def _inputs(cfg, batch, size, seed):
@@ -49,7 +38,7 @@ def _torch_out(module, x, reward=True):
       out = module(*args, torch.tensor(x["scores"]), torch.tensor(x["reward_embeds"])).sample
     else:
       out = module(*args).sample
-  return out.numpy().transpose(0, 2, 3, 1)
+  return out.float().numpy().transpose(0, 2, 3, 1)
 
 
 def _apply(model, params, **inputs):
@@ -59,8 +48,9 @@ def _apply(model, params, **inputs):
   return fn(params, inputs, rngs)
 
 
-def _rel_err(a, b):
-  return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+_rel_err = parity.rel_err
+_randomize = parity.randomize
+_state_dict = parity.state_dict
 
 
 @pytest.mark.parametrize("cfg,size", [(tiny.UNET, 16), (SD_WIDTH, 16)], ids=["tiny", "320ch-768ctx"])
@@ -129,11 +119,17 @@ def test_dropout_only_in_training_and_remat_keeps_values_and_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_bfloat16_compute_with_float32_params():
-  params = models.init_unet_params(models.RewardUNet(tiny.UNET), 12)
-  x = _inputs(tiny.UNET, 2, 8, seed=13)
-  out32 = _apply(models.RewardUNet(tiny.UNET), params, **x)
-  out16 = _apply(models.RewardUNet(tiny.UNET, dtype=jnp.bfloat16), params, **x)
+@pytest.mark.parametrize("cfg,size", [(tiny.UNET, 16), (SD_WIDTH, 16)], ids=["tiny", "320ch-768ctx"])
+def test_bfloat16_compute_is_as_close_as_torch_autocast(cfg, size):
+  """bfloat16 compute, float32 params: as close to the float32 twin as the twin under autocast."""
+  twin = _randomize(torch_twin.MRERewardUNet.from_config(cfg.to_diffusers()), seed=12)
+  model = models.RewardUNet(cfg, dtype=jnp.bfloat16)
+  params = weights.torch_to_flax(_state_dict(twin), models.unet_param_shapes(model))
+  x = _inputs(cfg, 2, size, seed=13)
+  want = _torch_out(twin, x)
+  with parity.autocast_bf16():
+    torch_bf16 = _torch_out(twin, x)
+  out16 = _apply(model, params, **x)
   assert out16.dtype == jnp.bfloat16
   assert all(p.dtype == np.float32 for p in jax.tree_util.tree_leaves(params))
-  assert _rel_err(np.asarray(out16, np.float32), np.asarray(out32)) < 0.1
+  parity.assert_bf16_close(out16, torch_bf16, want, cfg.block_out_channels)

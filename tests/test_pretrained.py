@@ -1,7 +1,8 @@
-"""Frozen parts against PyTorch: CLIP text encoder, VAE; loader errors."""
+"""Loading frozen parts from diffusers folders (checked against PyTorch loading the same folder); loader errors."""
 
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -17,7 +18,7 @@ def _rel_err(a, b):
   return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
 
 
-def test_text_encoder_hidden_states_and_pooled_output_match_torch(tiny_folder):
+def test_loaded_text_encoder_matches_torch_loading_the_same_folder(tiny_folder):
   module, params = pretrained.load_text_encoder(tiny_folder)
   tokenizer = pretrained.load_tokenizer(tiny_folder)
   ids = pretrained.tokenize(tokenizer, ["make the sky blue", "None; None; None", ""])
@@ -32,7 +33,7 @@ def test_text_encoder_hidden_states_and_pooled_output_match_torch(tiny_folder):
   assert np.abs(np.asarray(pooled[0]) - np.asarray(pooled[1])).max() > 1e-3
 
 
-def test_vae_encode_mode_and_decode_match_torch(tiny_folder, rng):
+def test_loaded_vae_encode_mode_and_decode_match_torch_loading_the_same_folder(tiny_folder, rng):
   vae, params = pretrained.load_vae(tiny_folder)
   ref = AutoencoderKL.from_pretrained(tiny_folder / "vae").eval()
   images = rng.uniform(-1, 1, (2, 32, 48, 3)).astype(np.float32)
@@ -68,6 +69,36 @@ def test_legacy_vae_attention_names_load(tiny_folder, tmp_path):
   _, expected = pretrained.load_vae(tiny_folder)
   np.testing.assert_array_equal(params["encoder"]["mid_block"]["attentions_0"]["query"]["kernel"],
                                 expected["encoder"]["mid_block"]["attentions_0"]["query"]["kernel"])
+
+
+def test_text_encoder_saved_without_the_text_model_prefix_loads(tiny_folder, tmp_path):
+  """transformers 5 saves CLIPTextModel's tensors without transformers 4's `text_model.` prefix."""
+  shutil.copytree(tiny_folder, tmp_path / "m")
+  file = tmp_path / "m" / "text_encoder" / "model.safetensors"
+  save_file({k.removeprefix("text_model."): v for k, v in load_file(str(file)).items()}, str(file))
+  _, params = pretrained.load_text_encoder(tmp_path / "m")
+  _, expected = pretrained.load_text_encoder(tiny_folder)
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_byte_symbols_are_gpt2s():
+  """GPT-2's byte table (which CLIP's BPE uses): the 188 visible bytes, "!" first, stand for
+  themselves; the 68 others follow from U+0100: byte 0 -> "Ā", the space -> "Ġ", the soft hyphen -> "Ń"."""
+  symbols = pretrained.bpe_byte_symbols()
+  assert len(set(symbols)) == 256 and symbols[0] == "!" and symbols[187] == "ÿ"
+  assert symbols[188] == "Ā" and symbols[188 + 32] == "Ġ" and symbols[-1] == "Ń"
+
+
+def test_tiny_tokenizer_knows_every_byte_symbol_of_clips_tokenizer(tiny_folder):
+  """The tiny vocabulary is built from `bpe_byte_symbols`; a symbol that differed from the one CLIP's
+  tokenizer uses for a byte would be unknown (the end-of-text id) in the middle of a text."""
+  tokenizer = pretrained.load_tokenizer(tiny_folder)
+  end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+  # ASCII, Latin-1 letters (visible bytes) and "≤" (UTF-8 e2 89 a4: 0x89 is one of the remapped bytes)
+  for text in ("make it 100% blue!", "héllo wörld ¿qué? ~ ¬ ®", "x ≤ 3"):
+    ids = tokenizer(text).input_ids
+    assert end not in ids[1:-1] and ids[-1] == end, (text, ids)
 
 
 @pytest.fixture
@@ -126,59 +157,3 @@ def test_bin_weights_are_read_without_unpickling_code(tiny_folder, tmp_path):
   torch.save({"x": Evil()}, folder / "pytorch_model.bin")
   with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
     pretrained.load_text_encoder(tmp_path / "m")
-
-
-@pytest.mark.parametrize("implementation", ["xla", "auto"])  # diffusers' math; the fused CPU kernel
-def test_attention_kernel_matches_torch_sdpa_for_self_and_cross_attention(rng, monkeypatch, implementation):
-  monkeypatch.setattr(pretrained, "_ATTENTION", [implementation])
-  heads, d = 4, 8
-  for t, s in ((16, 16), (16, 7)):  # self-attention, cross-attention over 7 context tokens
-    q, k, v = (rng.standard_normal((2, n, heads * d)).astype(np.float32) for n in (t, s, s))
-    out = np.asarray(pretrained.multi_head_attention(q, k, v, heads))
-    split = lambda x: torch.from_numpy(x).reshape(2, -1, heads, d).transpose(1, 2)
-    want = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
-    np.testing.assert_allclose(out, want.transpose(1, 2).reshape(2, t, heads * d).numpy(), atol=1e-5)
-
-
-@pytest.mark.parametrize("t, s", [(32, 32), (32, 24)])
-def test_blocked_attention_and_its_gradients_match_torch_sdpa(rng, monkeypatch, t, s):
-  import jax
-  import jax.numpy as jnp
-  monkeypatch.setattr(pretrained, "_ATTENTION", ["xla"])  # XLA's ops, not the fused CPU kernel
-  monkeypatch.setattr(pretrained, "_BLOCKED_MIN_TOKENS", 1)  # the blocked kernel for these small shapes,
-  monkeypatch.setattr(pretrained, "_BLOCK_SCORES", 2 * 8 * s)  # in blocks of 8 query rows
-  b, heads, d = 2, 3, 8
-  q, k, v = (rng.standard_normal((b, n, heads * d)).astype(np.float32) for n in (t, s, s))
-  d_out = rng.standard_normal((b, t, heads * d)).astype(np.float32)
-  out, vjp = jax.vjp(lambda *a: pretrained.multi_head_attention(*a, heads), q, k, v)
-  grads = jax.jit(vjp)(jnp.asarray(d_out))
-  split = lambda x: torch.from_numpy(x).reshape(b, -1, heads, d).transpose(1, 2).requires_grad_()
-  tq, tk, tv = split(q), split(k), split(v)
-  want = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv).transpose(1, 2).reshape(b, t, heads * d)
-  want.backward(torch.from_numpy(d_out))
-  np.testing.assert_allclose(out, want.detach().numpy(), atol=1e-5)
-  for got, x in zip(grads, (tq, tk, tv)):
-    np.testing.assert_allclose(got, x.grad.transpose(1, 2).reshape(got.shape).numpy(), atol=1e-5)
-  # bfloat16 inputs: float32 softmax inside, bfloat16 out
-  half = pretrained.multi_head_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), heads)
-  assert half.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(half, np.float32), out, atol=0.05)
-
-
-def test_attention_setting_reaches_the_unet_and_cudnn_is_gpu_only(monkeypatch):
-  import jax
-  import jax.numpy as jnp
-  from mre_jax import models, tiny
-  assert pretrained.attention_implementation(jnp.bfloat16) in ("xla", "cpu")  # cuDNN only on a GPU
-  with pytest.raises(ValueError, match="expected one of"):
-    pretrained.set_attention("flash")
-  model = models.RewardUNet(tiny.UNET)
-  params = models.unet_param_shapes(model)  # shapes suffice: the U-Net is only traced
-  args = (jnp.zeros((1, 8, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 77, 32)), jnp.zeros((1, 3)), jnp.zeros((1, 32)))
-  calls = []
-  real = pretrained.multi_head_attention
-  monkeypatch.setattr(pretrained, "multi_head_attention", lambda *a: calls.append(a[0].shape) or real(*a))
-  jax.eval_shape(lambda p: model.apply({"params": p}, *args), params)
-  # tiny.UNET: transformer blocks 1 down and 2 up at 8x8 (width 32), 1 in the mid block at 4x4
-  # (width 64); each has a self- and a cross-attention
-  assert sorted(calls) == [(1, 16, 64)] * 2 + [(1, 64, 32)] * 6

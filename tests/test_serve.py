@@ -115,6 +115,14 @@ def test_an_edit_keeps_the_aspect_ratio_at_the_working_scale(service, photo):
   assert image.mode == "RGB"
 
 
+def test_after_the_warm_up_the_first_edit_does_not_compile(service, photo):
+  fresh = serve.EditService(service.editor, dataclasses.replace(service.settings, steps=7))  # a program of its own
+  fresh.warm_up()
+  traces = _total_traces()
+  _, line = serve._handle(fresh, _values(photo, steps=7), _no_progress)  # another image, same working size
+  assert line.startswith("Edited") and _total_traces() == traces, dict(sampling.TRACES)
+
+
 def test_moving_sliders_or_the_seed_never_recompiles(service, photo):
   traces = _total_traces()  # the fixture's warm-up compiled the default program
   for change in (dict(), dict(following=0.0), dict(preserving=2.5, quality=1.0), dict(seed=123456),
@@ -333,18 +341,18 @@ def test_page_edits_reacts_to_a_slider_and_reports_bad_input(browser, url, tmp_p
   page.context.close()
 
 
-def test_two_visitors_at_once_both_get_their_image(browser, url, tmp_path):
-  pages, sizes = [], [(80, 48), (48, 80)]
+def test_visitors_at_once_all_get_their_image(browser, url, tmp_path):
+  pages, sizes = [], [(80, 48), (48, 80), (64, 64)]
   for i, (w, h) in enumerate(sizes):
     page = serve_screenshot.open_page(browser, url)
     serve_screenshot.upload(page, _png(tmp_path / f"visitor{i}.png", w, h, seed=i))
-    serve_screenshot.set_instruction(page, f"make it {('red', 'green')[i]}")
+    serve_screenshot.set_instruction(page, f"make it {('red', 'green', 'blue')[i]}")
     pages.append(page)
   before = [page.locator(serve_screenshot.STATUS).inner_html() for page in pages]
   for page in pages:
     page.locator("#edit_button").click()
   for page, old, (w, h) in zip(pages, before, sizes):
-    line = serve_screenshot.wait_for_status_change(page, old)
+    line = serve_screenshot.wait_for_status_change(page, old, timeout=60)
     info = serve_screenshot.result_info(page)
     assert line.startswith("Edited") and (info["width"], info["height"]) == edit.output_size((w, h), RES), line
   for page in pages:

@@ -1,6 +1,6 @@
-"""Dense layer for XLA:CPU: `Dense` is `flax.linen.Dense` whose matmul runs on 2-D operands.
+"""Matmuls of tokens by weights for XLA:CPU, on 2-D operands.
 
-`flax.linen.Dense` applied to tokens x [B, T, C] is one `dot_general` with two free lhs
+A dense layer applied to tokens x [B, T, C] is one `dot_general` with two free lhs
 dimensions, and its weight gradient one with two contracting dimensions. XLA:CPU runs those
 products' gradients 1.5-2x slower than the same products on x reshaped to [B*T, C] (2-core Xeon,
 float32, forward + backward of [4, 1024, 320] @ [320, 2560]: 270 vs 148 ms). `dot_general`
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 from jax import lax
 
@@ -32,8 +31,3 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 def matmul(x: jax.Array, w: jax.Array, precision: Any = None) -> jax.Array:
   """x [..., C] @ w [C, O] through `dot_general`."""
   return dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-
-
-class Dense(nn.Dense):
-  """`flax.linen.Dense` (same fields and parameters) computing through this module's `dot_general`."""
-  dot_general: Any = dot_general

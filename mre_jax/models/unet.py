@@ -1,9 +1,11 @@
 """The reward-conditioned InstructPix2Pix U-Net (SPEC section 2), in Flax linen.
 
-Layout is NHWC throughout. Parameter names follow the release's PyTorch attribute names
-(`add_embedding`, `add_embedding2`, `text_linear`, `text_linear2`, `proj_deal`, `ca`) under
-the diffusers Flax naming convention (`down_blocks_0`, ...), so `weights.torch_to_flax`
-maps a release checkpoint onto this module without a name table.
+Layout is NHWC throughout. The SD 1.5 blocks are in unet_blocks.py; this file holds the time
+and score embeddings, the reward modules (MRC block) and the U-Net that strings them together.
+Parameter names follow the release's PyTorch attribute names (`add_embedding`, `add_embedding2`,
+`text_linear`, `text_linear2`, `proj_deal`, `ca`) under the diffusers Flax naming convention
+(`down_blocks_0`, ...), so `weights.torch_to_flax` maps a release checkpoint onto this module
+without a name table.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mre_jax import conv, cpu_kernels, dense, pretrained, weights
+from mre_jax import ops, weights
+from mre_jax.models import unet_blocks
+from mre_jax.models.layers import Conv, Dense, GroupNorm, conv1x1, gelu
 
 SCORE_EMBED_DIM = 256  # width of each score's sinusoidal embedding (release: 256)
 REWARD_HEADS = 8  # heads of the MRC cross-attention (release: 8)
@@ -110,8 +114,8 @@ class _TimestepEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = dense.Dense(self.dim, dtype=self.dtype, name="linear_1")(x)
-    return dense.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
+    x = Dense(self.dim, dtype=self.dtype, name="linear_1")(x)
+    return Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
 
 
 class _DenseAddNorm(nn.Module):
@@ -122,7 +126,7 @@ class _DenseAddNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, residual: jax.Array, deterministic: bool) -> jax.Array:
-    x = dense.Dense(residual.shape[-1], dtype=self.dtype, name="dense")(x)
+    x = Dense(residual.shape[-1], dtype=self.dtype, name="dense")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     return nn.LayerNorm(epsilon=1e-12, dtype=self.dtype, name="LayerNorm")(x + residual)
 
@@ -139,9 +143,9 @@ class _RewardAttention(nn.Module):
     width = q.shape[-1]
     head_dim = width // self.heads
     split = lambda x: x.reshape(x.shape[:2] + (self.heads, head_dim))
-    query = split(dense.Dense(width, dtype=self.dtype, name="query")(q))
-    key = split(dense.Dense(width, dtype=self.dtype, name="key")(kv))
-    value = split(dense.Dense(width, dtype=self.dtype, name="value")(kv))
+    query = split(Dense(width, dtype=self.dtype, name="query")(q))
+    key = split(Dense(width, dtype=self.dtype, name="key")(kv))
+    value = split(Dense(width, dtype=self.dtype, name="value")(kv))
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(head_dim)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
@@ -165,7 +169,7 @@ class _Intermediate(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return pretrained.gelu(dense.Dense(x.shape[-1], dtype=self.dtype, name="dense")(x))
+    return gelu(Dense(x.shape[-1], dtype=self.dtype, name="dense")(x))
 
 
 class RewardCrossAttentionLayer(nn.Module):
@@ -188,11 +192,12 @@ class _DealProj(nn.Module):
 
   channels: int
   dtype: Any = jnp.float32
+  kernels: ops.Kernels = ops.Kernels()
 
   def setup(self):
-    self.norm = cpu_kernels.GroupNorm(num_groups=32, epsilon=1e-6, dtype=self.dtype)
-    self.proj_in = conv.Conv(self.channels, (1, 1), dtype=self.dtype)
-    self.proj_out = conv.Conv(self.channels, (1, 1), dtype=self.dtype)
+    self.norm = GroupNorm(32, 1e-6, dtype=self.dtype, implementation=self.kernels.norm)
+    self.proj_in = conv1x1(self.channels, self.dtype, self.kernels.conv)
+    self.proj_out = conv1x1(self.channels, self.dtype, self.kernels.conv)
 
   def to_tokens(self, h: jax.Array) -> jax.Array:
     z = self.proj_in(self.norm(h))
@@ -211,6 +216,7 @@ class RewardUNet(nn.Module):
     dtype: compute dtype; parameters keep whatever dtype they are given (float32 normally).
     remat: recompute each U-Net block in the backward pass (gradient checkpointing).
     reward_dropout: dropout in the MRC cross-attention layer (training only).
+    kernels: the kernel family of attention, convolution and GroupNorm layers (see `ops`).
   """
 
   config: UNetConfig
@@ -218,24 +224,25 @@ class RewardUNet(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   reward_dropout: float = 0.1
+  kernels: ops.Kernels = ops.Kernels()
 
   def setup(self):
     cfg = self.config
     width = cfg.block_out_channels[0]
-    self.conv_in = conv.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)
+    self.conv_in = Conv(width, dtype=self.dtype, implementation=self.kernels.conv)
     self.time_proj = _Timesteps(width, cfg.flip_sin_to_cos, cfg.freq_shift)
     self.time_embedding = _TimestepEmbedding(cfg.time_embed_dim, self.dtype)
-    self.down_blocks, self.mid_block, self.up_blocks = pretrained.make_unet_blocks(
-        cfg, dtype=self.dtype, remat=self.remat)
-    self.conv_norm_out = cpu_kernels.GroupNorm(num_groups=32, epsilon=1e-5)
-    self.conv_out = conv.Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)
+    self.down_blocks, self.mid_block, self.up_blocks = unet_blocks.make_unet_blocks(
+        cfg, dtype=self.dtype, remat=self.remat, kernels=self.kernels)
+    self.conv_norm_out = GroupNorm(32, 1e-5, implementation=self.kernels.norm)
+    self.conv_out = Conv(cfg.out_channels, dtype=self.dtype, implementation=self.kernels.conv)
     if self.reward:
       self.add_time_proj = _Timesteps(SCORE_EMBED_DIM, cfg.flip_sin_to_cos, cfg.freq_shift)
       self.add_embedding = _TimestepEmbedding(cfg.time_embed_dim, self.dtype)
       self.add_embedding2 = _TimestepEmbedding(width, self.dtype)
-      self.text_linear = dense.Dense(width, dtype=self.dtype)
-      self.text_linear2 = dense.Dense(cfg.time_embed_dim, dtype=self.dtype)
-      self.proj_deal = _DealProj(width, self.dtype)
+      self.text_linear = Dense(width, dtype=self.dtype)
+      self.text_linear2 = Dense(cfg.time_embed_dim, dtype=self.dtype)
+      self.proj_deal = _DealProj(width, self.dtype, self.kernels)
       self.ca = RewardCrossAttentionLayer(REWARD_HEADS, self.reward_dropout, self.dtype)
 
   def __call__(
@@ -281,20 +288,14 @@ class RewardUNet(nn.Module):
 
     context = context.astype(self.dtype)
     skips = (h,)
-    for block, kind in zip(self.down_blocks, self.config.down_block_types):
-      if kind.startswith("CrossAttn"):
-        h, res = block(h, emb, context, deterministic)
-      else:
-        h, res = block(h, emb, deterministic)
+    for block in self.down_blocks:
+      h, res = block(h, emb, context, deterministic)
       skips += res
     h = self.mid_block(h, emb, context, deterministic)
     n = self.config.layers_per_block + 1
-    for block, kind in zip(self.up_blocks, self.config.up_block_types):
-      res, skips = skips[-n:], skips[:-n]
-      if kind.startswith("CrossAttn"):
-        h = block(h, res, emb, context, deterministic)
-      else:
-        h = block(h, res, emb, deterministic)
+    for block in self.up_blocks:
+      h = block(h, skips[-n:], emb, context, deterministic)
+      skips = skips[:-n]
     h = nn.silu(self.conv_norm_out(h))
     return self.conv_out(h)
 

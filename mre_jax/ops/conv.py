@@ -1,7 +1,7 @@
 """Convolution kernels for XLA:CPU: Winograd F(4x4, 3x3) for wide 3x3 convolutions, a matmul for 1x1.
 
-`Conv` is `flax.linen.Conv` (same fields, parameters and dtype handling) whose convolution goes
-through `conv_general_dilated` below. The setting (env `MRE_JAX_CONV`, or `set_conv`) picks:
+`conv2d` is `lax.conv_general_dilated` for NHWC inputs and HWIO kernels, by kernel family
+(`Kernels.conv`):
 
 - "auto" (default): on a CPU backend, float32 3x3 convolutions with stride 1, padding 1, at least
   `WINOGRAD_MIN_SIDE` pixels a side and `WINOGRAD_MIN_CHANNELS` channels in and out run as
@@ -23,19 +23,15 @@ would amplify that, hence float32 only in "auto".
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from mre_jax import dense
+from mre_jax.ops import CONV, dense
 
-CONV_IMPLEMENTATIONS = ("auto", "xla", "winograd")
-_CONV = [os.environ.get("MRE_JAX_CONV", "auto")]
 # Measured on a 2-core Xeon (float32), one convolution alone: F(4x4, 3x3) beat XLA's direct
 # convolution from 256 channels up (3x32x32x320: 17.5 vs 31.5 ms, PyTorch 20.1; 1x64x64x512: 69
 # vs 90 ms) and lost at 128 (1x256x256x128: 152 vs 109 ms). At 16x16 it lost alone (3x16x16x640:
@@ -66,14 +62,6 @@ _AT = np.array([[1, 1, 1, 1, 1, 0],
                 [0, 1, 1, 4, 4, 0],
                 [0, 1, -1, 8, -8, 1]], np.float64)
 _TILE, _OUT = _BT.shape[0], _AT.shape[0]  # 6x6 input tiles give 4x4 output tiles
-
-
-def set_conv(implementation: str) -> str:
-  """Chooses the convolution kernel for programs traced from now on; returns the previous setting."""
-  if implementation not in CONV_IMPLEMENTATIONS:
-    raise ValueError(f"conv implementation {implementation!r}: expected one of {CONV_IMPLEMENTATIONS}")
-  previous, _CONV[0] = _CONV[0], implementation
-  return previous
 
 
 def _combine(matrix: np.ndarray, parts: list) -> list:
@@ -126,45 +114,34 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, precision: Any = None) -> 
   return _output_tiles(m, n, tiles_h, tiles_w)[:, :h, :w]
 
 
-def _kind(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-          feature_group_count) -> str:
-  """"winograd", "matmul" or "xla" for one convolution under the current setting."""
-  setting = _CONV[0]
-  if setting not in CONV_IMPLEMENTATIONS:
-    raise ValueError(f"MRE_JAX_CONV={setting!r}: expected one of {CONV_IMPLEMENTATIONS}")
-  if setting == "xla" or (setting == "auto" and jax.default_backend() != "cpu"):
+def _kind(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding, implementation: str) -> str:
+  """"winograd", "matmul" or "xla" for one NHWC convolution under `implementation`."""
+  if implementation not in CONV:
+    raise ValueError(f"conv={implementation!r}: expected one of {', '.join(CONV)}")
+  if implementation == "xla" or (implementation == "auto" and jax.default_backend() != "cpu"):
     return "xla"
-  if (lhs.ndim != 4 or feature_group_count != 1 or tuple(window_strides) != (1, 1)
-      or any(tuple(d or (1, 1)) != (1, 1) for d in (lhs_dilation, rhs_dilation))
-      or dimension_numbers != lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))):
+  if x.ndim != 4 or tuple(strides) != (1, 1):
     return "xla"
   pads = padding if isinstance(padding, str) else tuple(map(tuple, padding))
-  (_, h, w, c), (kh, kw, _, o) = lhs.shape, rhs.shape
+  (_, h, w, c), (kh, kw, _, o) = x.shape, kernel.shape
   if (kh, kw) == (1, 1) and pads in ("VALID", "SAME", ((0, 0), (0, 0))):
     return "matmul"
   if (kh, kw) != (3, 3) or pads not in ("SAME", ((1, 1), (1, 1))):
     return "xla"
-  if setting == "winograd":
+  if implementation == "winograd":
     return "winograd"
   wide = min(c, o) >= WINOGRAD_MIN_CHANNELS and min(h, w) >= WINOGRAD_MIN_SIDE
-  return "winograd" if wide and lhs.dtype == rhs.dtype == jnp.float32 else "xla"
+  return "winograd" if wide and x.dtype == kernel.dtype == jnp.float32 else "xla"
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated`, with the rewrites of the module docstring where they apply."""
-  kind = "xla" if batch_group_count != 1 or preferred_element_type is not None else _kind(
-      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
+def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), padding: Any = "SAME",
+           implementation: str = "auto", precision: Any = None) -> jax.Array:
+  """x [N, H, W, C] (*) kernel [kh, kw, C, O] -> [N, H', W', O]; padding as `lax.conv_general_dilated`'s."""
+  kind = _kind(x, kernel, tuple(strides), padding, implementation)
   if kind == "winograd":
-    return winograd_conv3x3(lhs, rhs, precision)
+    return winograd_conv3x3(x, kernel, precision)
   if kind == "matmul":
-    return dense.matmul(lhs, rhs[0, 0], precision=precision)
-  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                  dimension_numbers, feature_group_count, batch_group_count,
-                                  precision=precision, preferred_element_type=preferred_element_type)
-
-
-class Conv(nn.Conv):
-  """`flax.linen.Conv` (same parameters) computing through this module's `conv_general_dilated`."""
-  conv_general_dilated: Any = conv_general_dilated
+    return dense.matmul(x, kernel[0, 0], precision=precision)
+  numbers = lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+  return lax.conv_general_dilated(x, kernel, tuple(strides), padding, dimension_numbers=numbers,
+                                  precision=precision)

@@ -1,7 +1,7 @@
 """Float32 kernels for XLA:CPU as XLA FFI custom calls (csrc/cpu_kernels.cc): attention, GroupNorm.
 
 - `attention`: XLA:CPU runs attention as separate matmul, exp and reduction ops; even blocked so
-  that the scores stay in cache (pretrained.py), a 1024-token self-attention layer took ~1.7x
+  that the scores stay in cache (attention.py), a 1024-token self-attention layer took ~1.7x
   PyTorch's fused CPU kernel. This kernel does scores, softmax and the value product per block of
   query rows in one pass, forward and backward (probabilities recomputed from the row
   logsumexp, as flash attention).
@@ -32,7 +32,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jaxlib
@@ -196,26 +195,3 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps
   shape = x.shape
   flat = x.reshape(shape[0], -1, shape[-1])
   return _group_norm(flat, scale, bias, groups, epsilon).reshape(shape)
-
-
-class GroupNorm(nn.GroupNorm):
-  """`flax.linen.GroupNorm` (same fields, parameters and results) that runs `group_norm` on a CPU.
-
-  Only the common case takes the kernel: channels-last input of rank 3 or more, float32 input
-  and compute, scale and bias on, num_groups set, no mask or cross-device statistics. All else
-  (and every other backend) is flax's own code.
-  """
-
-  @nn.compact
-  def __call__(self, x, *, mask=None):
-    fast = (mask is None and self.num_groups is not None and self.group_size is None and self.use_bias
-            and self.use_scale and self.axis_name is None and self.reduction_axes is None and x.ndim >= 3
-            and x.dtype == jnp.float32 and jnp.dtype(self.dtype or jnp.float32) == jnp.float32
-            and jnp.dtype(self.param_dtype) == jnp.float32 and x.shape[-1] % self.num_groups == 0
-            and available())
-    if not fast:
-      return super().__call__(x, mask=mask)
-    channels = x.shape[-1]
-    scale = self.param("scale", self.scale_init, (channels,), self.param_dtype)
-    bias = self.param("bias", self.bias_init, (channels,), self.param_dtype)
-    return group_norm(x, scale, bias, self.num_groups, self.epsilon)

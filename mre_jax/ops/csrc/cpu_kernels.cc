@@ -1,7 +1,7 @@
 // Float32 kernels for XLA:CPU: fused multi-head attention (softmax(q k^T * scale) v) and
 // GroupNorm, each with its gradients.
 //
-// Built at run time by mre_jax/cpu_kernels.py (g++ -O3 -march=native) and called through the
+// Built at run time by mre_jax/ops/cpu_kernels.py (g++ -O3 -march=native) and called through the
 // XLA FFI. Layouts are the projections' own: q [B, T, H*d], k and v [B, S, H*d]; the row
 // logsumexp of the scaled scores is [B, H, T]. Work items are (batch, head) pairs, spread over
 // XLA's intra-op thread pool. Per item, query rows go in blocks whose [rows, S] scores stay in
