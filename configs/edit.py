@@ -23,6 +23,10 @@ def get_config():
   config.step = -1  # checkpoint step; -1 = latest (diffusers folders: ignored)
   config.use_ema = True  # checkpoint: EMA params (False: raw params)
   config.dtype = "float32"  # U-Net compute dtype: float32 or bfloat16 (VAE, text encoder: float32)
+  # Kernel families (mre_jax/ops); "auto" picks per layer from the backend, dtype and shapes.
+  config.attention = "auto"  # auto | xla | cudnn (GPU) | splash (TPU) | cpu (C++, XLA:CPU)
+  config.conv = "auto"  # auto | xla | winograd
+  config.norm = "auto"  # GroupNorm: auto | xla | cpu
 
   # Single edit.
   config.image = ""  # input image (any format and mode PIL reads)

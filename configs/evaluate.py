@@ -33,6 +33,9 @@ def get_config():
   config.edit.step = -1  # checkpoint step; -1 = latest
   config.edit.use_ema = True  # EMA params
   config.edit.dtype = "float32"  # U-Net compute dtype: float32 or bfloat16
+  config.edit.attention = "auto"  # kernel families (mre_jax/ops): auto | xla | cudnn | splash | cpu
+  config.edit.conv = "auto"  # auto | xla | winograd
+  config.edit.norm = "auto"  # GroupNorm: auto | xla | cpu
   config.edit.scheduler = "euler_ancestral"  # euler_ancestral (release), euler or ddim
   config.edit.steps = 30  # denoising steps
   config.edit.text_guidance = 7.5  # g_text

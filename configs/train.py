@@ -26,6 +26,10 @@ def get_config(arg: str | None = None):
   config.model.dtype = "float32"  # compute dtype (params stay float32): float32 | bfloat16
   config.model.remat = False  # gradient checkpointing of the U-Net blocks
   config.model.reward_dropout = 0.1  # dropout inside the MRC block (training only)
+  # Kernel families (mre_jax/ops), recorded in the workdir's mre_model.json; "auto" picks per layer.
+  config.model.attention = "auto"  # auto | xla | cudnn (GPU) | splash (TPU) | cpu (C++, XLA:CPU)
+  config.model.conv = "auto"  # auto | xla | winograd
+  config.model.norm = "auto"  # GroupNorm: auto | xla | cpu
   config.model.vae = "synthetic_64px"  # init=tiny: a shipped VAE (tiny.VAES), a diffusers folder, or "" (random)
   config.model.unet = ml_collections.ConfigDict()  # init=tiny: fields of models.UNetConfig over tiny.UNET
   config.model.unet.block_out_channels = (32, 64, 128)

@@ -3,7 +3,7 @@
 ```
 <dir>/
   mre_model.json     the model: U-Net architecture (diffusers config keys), reward on/off,
-                     where the weights came from; written once
+                     where the weights came from, the kernels the run used; written once
   frozen/            the frozen parts as a diffusers-format folder in PyTorch layout
                      (vae/, text_encoder/, tokenizer/, scheduler/; safetensors); written once
   state/<step>/      Orbax: items `params`, `ema_params` (U-Net + reward modules, float32),
@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from mre_jax import models
+from mre_jax import models, ops
 
 MODEL_FILE = "mre_model.json"
 FROZEN_DIR = "frozen"
@@ -36,21 +36,28 @@ FORMAT_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """What a checkpoint's parameters are: the U-Net architecture and the reward switch."""
+  """What a checkpoint's parameters are (the U-Net architecture and the reward switch), and how they were run.
+
+  `kernels` records the kernel families of the run that wrote the checkpoint (training:
+  config.model.attention / conv / norm); it does not change the parameters, and a job that
+  loads the checkpoint uses its own config's kernels. Files written before it existed read as "auto".
+  """
 
   unet: models.UNetConfig
   reward: bool = True
   source: str = ""  # where the weights came from, for the record
+  kernels: ops.Kernels = ops.Kernels()
 
   def to_json(self) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "unet": self.unet.to_diffusers(), "reward": self.reward,
-            "source": self.source}
+            "source": self.source, "kernels": self.kernels.to_json()}
 
   @classmethod
   def from_json(cls, data: dict[str, Any], where: str = MODEL_FILE) -> "ModelSpec":
     if data.get("format_version") != FORMAT_VERSION:
       raise ValueError(f"{where}: format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
-    return cls(models.UNetConfig.from_diffusers(data["unet"], where), bool(data["reward"]), data.get("source", ""))
+    return cls(models.UNetConfig.from_diffusers(data["unet"], where), bool(data["reward"]), data.get("source", ""),
+               ops.Kernels.from_json(data.get("kernels"), f"{where}: kernels"))
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

@@ -34,7 +34,7 @@ from absl import logging
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from mre_jax import checkpointing, export, models, pretrained, sampling
+from mre_jax import checkpointing, export, models, ops, pretrained, sampling
 from mre_jax.errors import ConfigError, require
 from mre_jax.sizes import SIZE_MULTIPLE, check_size_rule, fit_image, output_size, working_size
 
@@ -64,7 +64,7 @@ class Editor:
 
 
 def load_editor(path: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,
-                dtype: str = "float32") -> Editor:
+                dtype: str = "float32", kernels: ops.Kernels = ops.Kernels()) -> Editor:
   """An `Editor` from a project checkpoint or a diffusers-format folder.
 
   Args:
@@ -74,6 +74,7 @@ def load_editor(path: str | os.PathLike, *, step: int | None = None, use_ema: bo
     use_ema: use the checkpoint's EMA params (default) rather than the raw ones.
     dtype: U-Net compute dtype, "float32" or "bfloat16" (params stay float32; the VAE and text
       encoder always run in float32).
+    kernels: the kernel families of the U-Net, VAE and text encoder (config: attention, conv, norm).
   """
   path = Path(path)
   if dtype not in sampling.DTYPES:
@@ -90,11 +91,11 @@ def load_editor(path: str | os.PathLike, *, step: int | None = None, use_ema: bo
                             "diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/)")
   if spec.unet.in_channels != 8:
     raise ValueError(f"{path}: U-Net in_channels is {spec.unet.in_channels}; editing needs 8 (latents + image)")
-  vae, vae_params = pretrained.load_vae(frozen)
-  text_encoder, text_params = pretrained.load_text_encoder(frozen)
+  vae, vae_params = pretrained.load_vae(frozen, kernels=kernels)
+  text_encoder, text_params = pretrained.load_text_encoder(frozen, kernels=kernels)
   scheduler_file = Path(frozen) / "scheduler" / "scheduler_config.json"
   scheduler_config = pretrained.read_config(scheduler_file) if scheduler_file.is_file() else export.SCHEDULER_CONFIG
-  unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=sampling.DTYPES[dtype])
+  unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=sampling.DTYPES[dtype], kernels=kernels)
   return Editor(unet, jax.device_put(params), vae, jax.device_put(vae_params),
                 float(pretrained.read_config(Path(frozen) / "vae").get("scaling_factor", 0.18215)),
                 text_encoder, jax.device_put(text_params), pretrained.load_tokenizer(frozen), scheduler_config,
@@ -337,6 +338,7 @@ def check_config(config) -> Settings:
       raise ConfigError(f"config.{field}={config[field]!r}: expected a finite number")
   if not isinstance(config.reward_text, str):
     raise ConfigError(f"config.reward_text={config.reward_text!r}: expected a string")
+  ops.Kernels.from_config(config, "config")
   return Settings(steps, config.scheduler, float(config.text_guidance), float(config.image_guidance), resolution,
                   config.size_rule, check_scores(config.scores, "config.scores"), config.reward_text,
                   check_seed(config.seed, "config.seed"))
@@ -360,7 +362,8 @@ def edit(config, workdir: str | None = None) -> list[dict]:
 
 
 def _load(config) -> Editor:
-  return load_editor(config.checkpoint, step=config.step, use_ema=config.use_ema, dtype=config.dtype)
+  return load_editor(config.checkpoint, step=config.step, use_ema=config.use_ema, dtype=config.dtype,
+                     kernels=ops.Kernels.from_config(config, "config"))
 
 
 def _sampler_kwargs(settings: Settings) -> dict:
@@ -525,7 +528,8 @@ def make_edit_fn(config) -> Callable[[Sequence[Image.Image], Sequence[str]], lis
   """
   opts = config.edit
   size_rule = check_size_rule(opts.size_rule, "config.edit.size_rule")
-  editor = load_editor(require(config, "checkpoint"), step=opts.step, use_ema=opts.use_ema, dtype=opts.dtype)
+  editor = load_editor(require(config, "checkpoint"), step=opts.step, use_ema=opts.use_ema, dtype=opts.dtype,
+                       kernels=ops.Kernels.from_config(opts, "config.edit"))
   scores = check_scores(opts.scores, "config.edit.scores")
 
   def edit_fn(images, instructions):

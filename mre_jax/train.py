@@ -22,7 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mre_jax import checkpointing, diffusion, export, latent_cache, models, pretrained, sharding, tiny
+from mre_jax import checkpointing, diffusion, export, latent_cache, models, ops, pretrained, sharding, tiny
 from mre_jax.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -59,6 +59,7 @@ def validate(config, num_devices: int) -> None:
     raise ConfigError(f"config.stage={config.stage!r}: expected 1 (InstructPix2Pix) or 2 (MRE)")
   if config.model.dtype not in DTYPES:
     raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected one of {sorted(DTYPES)}")
+  ops.Kernels.from_config(config.model, "config.model")  # a bad kernel name is a ConfigError
   if config.model.init not in ("tiny", "pretrained"):
     raise ConfigError(f"config.model.init={config.model.init!r}: expected 'tiny' or 'pretrained'")
   if config.model.init == "pretrained" and not Path(config.model.pretrained or "/nonexistent").is_dir():
@@ -121,11 +122,11 @@ def initial_params(config, spec: checkpointing.ModelSpec) -> Any:
   return params
 
 
-def load_frozen(workdir: Path, dtype) -> tuple[Frozen, dict]:
+def load_frozen(workdir: Path, dtype, kernels: ops.Kernels = ops.Kernels()) -> tuple[Frozen, dict]:
   """(modules, host params {"vae", "text", "empty_ids" [1, 77]}) of a workdir's frozen parts."""
   folder = checkpointing.frozen_dir(workdir)
-  vae, vae_params = pretrained.load_vae(folder, dtype)
-  text_encoder, text_params = pretrained.load_text_encoder(folder, dtype)
+  vae, vae_params = pretrained.load_vae(folder, dtype, kernels)
+  text_encoder, text_params = pretrained.load_text_encoder(folder, dtype, kernels)
   tokenizer = pretrained.load_tokenizer(folder)
   frozen = Frozen(vae, text_encoder, tokenizer, float(vae.config.scaling_factor))
   return frozen, {"vae": vae_params, "text": text_params, "empty_ids": pretrained.tokenize(tokenizer, [""])}
@@ -346,11 +347,13 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   spec, loaded_params = prepare_workdir(config, workdir)
+  kernels = ops.Kernels.from_config(config.model, "config.model")
+  spec = dataclasses.replace(spec, kernels=kernels)
   if jax.process_index() == 0 and not checkpointing.is_checkpoint(workdir):
     checkpointing.write_spec(workdir, spec)
-  frozen, fparams = load_frozen(workdir, DTYPES[config.model.dtype])
+  frozen, fparams = load_frozen(workdir, DTYPES[config.model.dtype], kernels)
   unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=DTYPES[config.model.dtype],
-                           remat=config.model.remat, reward_dropout=config.model.reward_dropout)
+                           remat=config.model.remat, reward_dropout=config.model.reward_dropout, kernels=kernels)
   tx = make_optimizer(config.optim)
 
   # Shardings, derived from shapes.
@@ -553,7 +556,7 @@ def precompute_latents(config, workdir: str | None) -> Path:
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   prepare_workdir(config, workdir)
-  frozen, fparams = load_frozen(workdir, jnp.float32)
+  frozen, fparams = load_frozen(workdir, jnp.float32, ops.Kernels.from_config(config.model, "config.model"))
   return write_latent_cache(config, _builder(config, workdir), frozen, fparams, cache)
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from configs import convert as convert_config
 from configs import edit as edit_config
 from configs import evaluate as evaluate_config
-from mre_jax import edit, export, sampling
+from mre_jax import edit, export, ops, sampling
 from mre_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,6 +153,7 @@ def test_second_edit_of_the_same_size_does_not_recompile(checkpoint, photo, tmp_
     (dict(resolution=0), ConfigError, r"config.resolution=0"),
     (dict(scheduler="plms"), ConfigError, r"config.scheduler='plms'"),
     (dict(size_rule="longer"), ConfigError, r"config.size_rule='longer': expected one of release, short_side"),
+    (dict(attention="flash"), ConfigError, r"config.attention='flash': expected one of auto, xla, cudnn"),
     (dict(output="nowhere/out.png"), FileNotFoundError, r"config.output=.*nowhere/out.png: folder .* does not exist"),
     (dict(output="out.gif2"), ConfigError, r"config.output=.*out.gif2: unknown image extension"),
     (dict(checkpoint=""), ConfigError, r"config.checkpoint is required"),
@@ -209,6 +210,23 @@ def test_size_rule_reaches_single_batch_and_evaluation_edits(rule, working, chec
   [out] = edit.make_edit_fn(config)([Image.open(photo)], ["x"])
   assert shapes == [(1, *working, 3)] * 3
   assert Image.open(tmp_path / "one.png").size == Image.open(tmp_path / "edits" / "0001-photo.png").size == out.size == (96, 64)
+
+
+def test_kernel_fields_reach_every_model_of_the_edit_and_evaluate_editors(checkpoint, photo, tmp_path, monkeypatch):
+  kernels, real = [], edit.load_editor
+
+  def load(*args, **kw):
+    editor = real(*args, **kw)
+    kernels.append({editor.unet.kernels, editor.vae.kernels, editor.text_encoder.kernels})
+    return editor
+  monkeypatch.setattr(edit, "load_editor", load)
+  monkeypatch.setattr(edit, "sample_arrays", lambda e, pixels, *a, **k: (np.zeros_like(pixels), np.ones(len(pixels), bool)))
+  edit.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / "one.png"), attention="xla", conv="winograd"))
+  config = evaluate_config.get_config()
+  config.checkpoint, config.edit.resolution, config.edit.norm = str(checkpoint), RES, "xla"
+  monkeypatch.setattr(edit, "edit_arrays", lambda e, pixels, *a, **k: np.zeros_like(pixels))
+  edit.make_edit_fn(config)([Image.open(photo)], ["x"])
+  assert kernels == [{ops.Kernels(attention="xla", conv="winograd")}, {ops.Kernels(norm="xla")}]
 
 
 def test_batch_mode_reports_failures_and_runs_the_rest(checkpoint, photo, tmp_path):
