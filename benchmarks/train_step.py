@@ -14,14 +14,15 @@ dropout on) in both frameworks.
   (optax clip_by_global_norm + adamw), one `jax.jit` program with the state (params, optimiser
   state) donated. Compile time is printed separately (ahead-of-time `lower().compile()`); the
   matmul precision is JAX's default (float32 on CPU), nothing lower.
-- Convolutions: on a CPU, `conv.Conv` (the U-Net's convolution module) runs the wide float32 3x3
-  convolutions as Winograd F(4x4, 3x3) matmuls and 1x1 convolutions as matmuls
-  (`MRE_JAX_CONV=auto`, the default; see mre_jax/conv.py). This took the 320ch step from 0.83x
-  to 0.95x PyTorch's speed, and computing the Winograd tile transforms in two materialised
-  passes to 1.01x; `MRE_JAX_CONV=xla` times XLA's own convolutions.
-- Dense layers: `dense.Dense` runs token matmuls as 2-D GEMMs on a CPU (1.01x -> 1.09x), and the
+- Kernels: the U-Net's defaults (`ops.Kernels()`, all "auto"; `config.model.attention / conv /
+  norm` in training).
+- Convolutions: on a CPU, conv="auto" runs the wide float32 3x3 convolutions as Winograd
+  F(4x4, 3x3) matmuls and 1x1 convolutions as matmuls (mre_jax/ops/conv.py). This took the 320ch
+  step from 0.83x to 0.95x PyTorch's speed, and computing the Winograd tile transforms in two
+  materialised passes to 1.01x; conv="xla" is XLA's own convolutions.
+- Dense layers: token matmuls run as 2-D GEMMs on a CPU (ops/dense.py; 1.01x -> 1.09x), and the
   exact GELU uses PyTorch's erf form (1.10x).
-- Attention and GroupNorm: on a CPU, `cpu_kernels` (C++ through the XLA FFI, built on first use)
+- Attention and GroupNorm: on a CPU, `ops/cpu_kernels` (C++ through the XLA FFI, built on first use)
   runs every attention layer as one fused kernel (a 1024-token layer, forward + backward:
   ~100 ms, XLA's blocked kernel ~180 ms, PyTorch's SDPA ~110 ms) and every GroupNorm
   (1.10x -> 1.19x, then 1.22-1.27x in four runs with both kernels tuned). Adding XNNPACK dots
@@ -41,11 +42,11 @@ dropout on) in both frameworks.
   --xla_cpu_experimental_ynn_fusion_type=...,+eltwise (slower), --xla_cpu_use_fusion_emitters=false,
   --xla_cpu_prefer_vector_width=512; oneDNN dot fusions (--xla_cpu_experimental_onednn_fusion_type=
   dot) fail to compile. Fast-math flags are not used.
-  Attention: diffusers' Flax attention materialises the [B*heads, 1024, 1024] scores (~0.5 s per
-  32x32 self-attention layer, forward + backward); with `MRE_JAX_ATTENTION=xla`,
-  `pretrained.multi_head_attention` runs a blocked custom-VJP kernel in XLA ops for such layers
+  Attention: the plain math materialises the [B*heads, 1024, 1024] scores (~0.5 s per
+  32x32 self-attention layer, forward + backward); with attention="xla",
+  `ops.attention.multi_head_attention` runs a blocked custom-VJP kernel in XLA ops for such layers
   (~0.18 s), which took this benchmark from 0.74x to 0.85x; the fused kernel above replaces it
-  by default. There are three such layers; they dominate the tiny config's step (its scores
+  by default ("auto"). There are three such layers; they dominate the tiny config's step (its scores
   are as large as the 320-channel config's: 8 heads over 1024 tokens).
 - PyTorch: `torch_twin.MRERewardUNet` (diffusers' UNet2DConditionModel + reward modules) holding
   the SAME weights (`export.unet_state_dict` of the JAX params, loaded strictly),
