@@ -32,6 +32,8 @@ def get_config(arg: str | None = None):
   config.model.norm = "auto"  # GroupNorm: auto | xla | cpu
   config.model.vae = "synthetic_64px"  # init=tiny: a shipped VAE (tiny.VAES), a diffusers folder, or "" (random)
   config.model.unet = ml_collections.ConfigDict()  # init=tiny: fields of models.UNetConfig over tiny.UNET
+  config.model.unet.in_channels = 16  # noisy latents + image latents (the shipped VAE has 8 channels)
+  config.model.unet.out_channels = 8
   config.model.unet.block_out_channels = (32, 64, 128)
   config.model.unet.attention_head_dim = (1, 2, 4)  # heads per level (diffusers' name)
   config.model.unet.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")

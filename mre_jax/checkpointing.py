@@ -95,23 +95,31 @@ def save_params(manager: ocp.CheckpointManager, step: int, params: Any, ema_para
 
 
 def restore_params(path: str | os.PathLike, *, step: int | None = None, use_ema: bool = True) -> tuple[int, Any]:
-  """(step, U-Net params) of a checkpoint: the EMA params unless `use_ema` is False."""
+  """(step, U-Net params) of a checkpoint: the EMA params unless `use_ema` is False.
+
+  Only that item's folder is read: a composite restore would warn about every item it skips
+  (`params` or `ema_params`, `opt_state`, the data iterator).
+  """
   item = "ema_params" if use_ema else "params"
-  manager = ocp.CheckpointManager(Path(path).absolute() / STATE_DIR,
-                                  item_handlers={item: ocp.StandardCheckpointHandler()})
+  manager = ocp.CheckpointManager(Path(path).absolute() / STATE_DIR)
   try:
     step = manager.latest_step() if step is None or step < 0 else step
-    if step is None or step not in manager.all_steps():
-      raise FileNotFoundError(f"{Path(path) / STATE_DIR}: no saved step {'' if step is None else step} "
-                              f"(steps: {list(manager.all_steps())})")
+    steps = list(manager.all_steps())
+  finally:
+    manager.close()
+  if step is None or step not in steps:
+    raise FileNotFoundError(f"{Path(path) / STATE_DIR}: no saved step {'' if step is None else step} "
+                            f"(steps: {steps})")
+  folder = Path(path).absolute() / STATE_DIR / str(step) / item
+  handler = ocp.StandardCheckpointHandler()
+  try:
     # A run saved on many devices restores onto this process's first device.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                    manager.item_metadata(step)[item])
-    restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
-    return step, restored[item]
+                                    handler.metadata(folder))
+    return step, handler.restore(folder, args=ocp.args.StandardRestore(target))
   finally:
-    manager.close()
+    handler.close()
 
 
 # ----------------------------------------------------------------------------- atomic writes

@@ -89,17 +89,25 @@ def load_editor(path: str | os.PathLike, *, step: int | None = None, use_ema: bo
   else:
     raise FileNotFoundError(f"{path}: neither a project checkpoint ({checkpointing.MODEL_FILE}) nor a "
                             "diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/)")
-  if spec.unet.in_channels != 8:
-    raise ValueError(f"{path}: U-Net in_channels is {spec.unet.in_channels}; editing needs 8 (latents + image)")
   vae, vae_params = pretrained.load_vae(frozen, kernels=kernels)
+  vae_config = pretrained.read_config(Path(frozen) / "vae")
+  check_channels(spec.unet, int(vae_config.get("latent_channels", 4)), str(path))
   text_encoder, text_params = pretrained.load_text_encoder(frozen, kernels=kernels)
   scheduler_file = Path(frozen) / "scheduler" / "scheduler_config.json"
   scheduler_config = pretrained.read_config(scheduler_file) if scheduler_file.is_file() else export.SCHEDULER_CONFIG
   unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=sampling.DTYPES[dtype], kernels=kernels)
   return Editor(unet, jax.device_put(params), vae, jax.device_put(vae_params),
-                float(pretrained.read_config(Path(frozen) / "vae").get("scaling_factor", 0.18215)),
+                float(vae_config.get("scaling_factor", 0.18215)),
                 text_encoder, jax.device_put(text_params), pretrained.load_tokenizer(frozen), scheduler_config,
                 source)
+
+
+def check_channels(unet_config, latent_channels: int, where: str) -> None:
+  """An editing U-Net reads noisy latents and image latents (2 C channels) and predicts C."""
+  if (unet_config.in_channels, unet_config.out_channels) != (2 * latent_channels, latent_channels):
+    raise ValueError(f"{where}: the U-Net maps {unet_config.in_channels} -> {unet_config.out_channels} channels; "
+                     f"editing with a VAE of {latent_channels} latent channels needs {2 * latent_channels} -> "
+                     f"{latent_channels} (noisy latents + image latents -> noise)")
 
 
 _ENCODE_FNS: dict = {}
@@ -135,7 +143,7 @@ def edit_arrays(editor: Editor, pixels: np.ndarray, instructions: Sequence[str],
     seeds: B ints; example b's noise comes from seeds[b] alone.
     scores: B triples in [0, 5] (default 5, 5, 5 each).
     reward_texts: B reward texts (default "None; None; None").
-    init_noise: optional float32 [B, H/8, W/8, 4] unit Gaussian initial latents (overrides seeds
+    init_noise: optional float32 [B, h, w, C] unit Gaussian initial latents (overrides seeds
       for the start; Euler ancestral still draws its step noise from the seeds).
   Returns:
     float32 [B, H, W, 3] in [0, 1]. Raises `sampling.NonFiniteError` on NaN/inf output.

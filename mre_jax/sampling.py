@@ -143,7 +143,7 @@ def _tables(spec: SamplerSpec, schedule: diffusion.Schedule) -> _Tables:
 
 
 def _step(spec, schedule, tables, i, eps, x, noise):
-  """One scheduler update of latents x [B, h, w, 4] (float32) given guided eps."""
+  """One scheduler update of latents x [B, h, w, C] (float32) given guided eps."""
   if spec.scheduler == "ddim":
     return diffusion.ddim_step(schedule, eps, tables.timesteps[i], tables.prev_timesteps[i], x,
                                spec.set_alpha_to_one)
@@ -195,7 +195,7 @@ def _sample(unet_params, vae_params, cond: Conditioning, guidance: jax.Array, in
   context = jnp.concatenate([cond.context, cond.null_context, cond.null_context])
   scores = jnp.tile(cond.scores, (3, 1))
   reward_embeds = jnp.tile(cond.reward_embeds, (3, 1))
-  latent_shape = image_latents.shape[1:3] + (4,)
+  latent_shape = image_latents.shape[1:]  # (h, w, the VAE's latent channels)
 
   if init_noise is None:
     init_noise = _normal(cond.keys, 0, latent_shape)
@@ -231,7 +231,7 @@ def make_sample_fn(unet, vae, scaling_factor: float, spec: SamplerSpec, *, progr
 
   Returns:
     fn(unet_params, vae_params, cond: Conditioning, guidance: float32 [2] (g_text, g_image),
-       init_noise: None or float32 [B, H/8, W/8, 4] unit Gaussian (default: drawn from cond.keys))
+       init_noise: None or float32 [B, h, w, C] unit Gaussian latents (default: drawn from cond.keys))
     -> (images float32 [B, H, W, 3] in [0, 1], finite bool [B]: False where the decode held
        NaN or inf before clipping). Compiled once per input shape.
   """

@@ -22,7 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mre_jax import checkpointing, diffusion, export, latent_cache, models, ops, pretrained, sharding, tiny
+from mre_jax import checkpointing, diffusion, edit, export, latent_cache, models, ops, pretrained, sharding, tiny
 from mre_jax.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -352,6 +352,9 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
   if jax.process_index() == 0 and not checkpointing.is_checkpoint(workdir):
     checkpointing.write_spec(workdir, spec)
   frozen, fparams = load_frozen(workdir, DTYPES[config.model.dtype], kernels)
+  vae_config = pretrained.read_config(checkpointing.frozen_dir(workdir) / "vae")
+  edit.check_channels(spec.unet, int(vae_config.get("latent_channels", 4)),
+                      f"{workdir} (config.model.unet.in_channels / out_channels)")
   unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=DTYPES[config.model.dtype],
                            remat=config.model.remat, reward_dropout=config.model.reward_dropout, kernels=kernels)
   tx = make_optimizer(config.optim)
@@ -448,6 +451,7 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sa
 # ----------------------------------------------------------------------------- samples and logs
 
 
+GRID_HEADER = 24  # pixels of the label row
 GRID_LABELS = ("input", "truth", "target", "edit at 5,5,5", "edit at target's rewards")
 
 
@@ -487,16 +491,17 @@ def _sample_grid(sample_fn, encode, batch, frozen: Frozen, tile: int, ema_params
 def labelled_grid(columns: list[np.ndarray], labels, tile: int) -> np.ndarray:
   """uint8 [header + n * T, len(columns) * T, 3] from columns of float [n, H, W, 3] in [0, 1]:
   each image upscaled by nearest neighbour to T = H * ceil(tile / H) pixels, one label per column."""
-  from PIL import Image, ImageDraw
+  from PIL import Image, ImageDraw, ImageFont
   scale = max(1, -(-tile // columns[0].shape[1]))
   up = [np.repeat(np.repeat(np.asarray(c), scale, axis=1), scale, axis=2) for c in columns]
   body = np.concatenate([np.concatenate(list(c), axis=0) for c in up], axis=1)
   body = (np.clip(body, 0, 1) * 255).round().astype(np.uint8)
-  header = Image.new("RGB", (body.shape[1], 24), (255, 255, 255))
+  header = Image.new("RGB", (body.shape[1], GRID_HEADER), (255, 255, 255))
   draw = ImageDraw.Draw(header)
   width = up[0].shape[2]
+  font = ImageFont.load_default(size=max(8, min(16, width // 12)))
   for i, label in enumerate(labels):
-    draw.text((i * width + 6, 6), label, fill=(0, 0, 0))
+    draw.text((i * width + 4, 4), label, fill=(0, 0, 0), font=font)
   return np.concatenate([np.asarray(header), body], axis=0)
 
 

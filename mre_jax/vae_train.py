@@ -168,23 +168,25 @@ def train_vae(config, workdir: str | None) -> Path:
       log.write(json.dumps({"step": step, **scalars, "seconds": time.time() - t0}) + "\n")
       log.flush()
       print(f"vae step {step}/{config.num_steps}: loss {scalars['loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    if (config.eval_every and step % config.eval_every == 0) or step == config.num_steps:
+      _finish(config, workdir, vae, vae_cfg, jax.device_get(params), train_images, test_images, step, time.time() - t0)
   log.close()
-  return _finish(config, workdir, vae, vae_cfg, jax.device_get(params), train_images, test_images, time.time() - t0)
+  return workdir / "vae"
 
 
-def _finish(config, workdir: Path, vae, vae_cfg: dict, params: Any, train_images, test_images, seconds) -> Path:
-  """Scaling factor, test PSNR, and the diffusers folder, written atomically."""
+def _finish(config, workdir: Path, vae, vae_cfg: dict, params: Any, train_images, test_images, step: int,
+            seconds: float) -> None:
+  """Scaling factor, test PSNR, and the diffusers folder of the params at `step`, written atomically."""
   recon = reconstruct_fn(vae)
   _, means = evaluate(recon, params, train_images[:3 * 500])
   scaling = float(1.0 / np.std(means))
   scores, _ = evaluate(recon, params, test_images)
-  report = {"psnr_db": psnr_by_kind(scores), "scaling_factor": scaling, "train_seconds": seconds,
+  report = {"step": step, "psnr_db": psnr_by_kind(scores), "scaling_factor": scaling, "train_seconds": seconds,
             "test_images": int(len(test_images)), "config": config.to_dict()}
   tmp = checkpointing.staging_dir(workdir / "vae")
   export.write_component(tmp, {**vae_cfg, "scaling_factor": scaling}, pretrained.vae_state_dict(params),
                          export.UNET_WEIGHTS)
   checkpointing.publish(tmp, workdir / "vae")
   checkpointing.write_text_atomic(workdir / "vae_eval.json", json.dumps(report, indent=2) + "\n")
-  print("vae test PSNR (dB): " + ", ".join(f"{k} {v:.2f}" for k, v in report["psnr_db"].items())
-        + f"; scaling_factor {scaling:.4f}; wrote {workdir / 'vae'}")
-  return workdir / "vae"
+  print(f"vae step {step} test PSNR (dB): " + ", ".join(f"{k} {v:.2f}" for k, v in report["psnr_db"].items())
+        + f"; scaling_factor {scaling:.4f}; wrote {workdir / 'vae'}", flush=True)

@@ -40,3 +40,12 @@ def run_on_8_devices():
     assert "devices 8 ok" in out.stdout
 
   return run
+
+
+@pytest.fixture(scope="session")
+def tfds_tiny(tmp_path_factory):
+  """The synthetic_edit builder's `tiny` config (32 px, 64 train / 16 test), built once."""
+  from mre_jax import input_pipeline
+  path = tmp_path_factory.mktemp("tfds_tiny")
+  input_pipeline.build_dataset("synthetic_edit", str(path), config="tiny")
+  return str(path)
