@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
 
-from mre_jax import checkpointing, edit, input_pipeline, synthetic
+from mre_jax import checkpointing, edit, input_pipeline, pretrained, synthetic
 
 PERSPECTIVES = ("following", "preserving", "quality")
 BEST_SCORES = (5.0, 5.0, 5.0)
@@ -137,23 +138,42 @@ def category_markdown(summary: dict) -> str:
   return "\n".join(lines)
 
 
-def evaluate_run(config, workdir: Path, builder) -> dict:
+def through_vae(editor: edit.Editor, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+  """uint8 images encoded (posterior mode) and decoded by the editor's VAE: what a perfect
+  latent editor would output, the ceiling of any model that uses this VAE."""
+  fn = jax.jit(lambda params, x: pretrained.vae_decode(editor.vae, params, pretrained.vae_encode(editor.vae, params,
+                                                                                                   x)[0]))
+  out = [np.asarray(fn(editor.vae_params, images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0))
+         for i in range(0, len(images), batch_size)]
+  return np.clip(np.round((np.concatenate(out) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def evaluate_run(config, workdir: Path, builder, step: int) -> dict:
   """The train job's final evaluation: the run's EMA model at rewards (5, 5, 5) and "None; None;
-  None" on `config.eval.count` test examples, beside the references. Writes `eval.json` and
-  `eval.md` in `workdir`; returns the report."""
+  None" on `config.eval.count` test examples, beside the references (the unchanged input, the
+  ground truth, and the ground truth through the VAE). Writes `eval.json` and `eval.md` in
+  `workdir` (a finished run rerun prints the evaluation it already has); returns the report."""
   ev = config.eval
-  test = load_test_set(builder, ev.split, ev.count)
-  editor = edit.load_editor(workdir)
   sampler = dict(steps=ev.steps, text_guidance=ev.text_guidance, image_guidance=ev.image_guidance,
                  batch_size=ev.batch_size)
-  edits = {"model at 5,5,5": edit_test_set(editor, test, seed=ev.seed, **sampler), **reference_edits(test)}
+  done = workdir / "eval.json"
+  if done.is_file():
+    report = json.loads(done.read_text())
+    if (report.get("step"), report.get("count"), report.get("sampler"), report.get("seed")) == (
+        step, ev.count, sampler, ev.seed):
+      print((workdir / "eval.md").read_text())
+      return report
+  test = load_test_set(builder, ev.split, ev.count)
+  editor = edit.load_editor(workdir)
+  edits = {"model at 5,5,5": edit_test_set(editor, test, seed=ev.seed, **sampler), **reference_edits(test),
+           "truth through the VAE": through_vae(editor, test.truths)}
   summaries = {name: summarize(judge_set(test, images), test.categories) for name, images in edits.items()}
-  report = {"split": ev.split, "count": len(test), "sampler": sampler, "seed": ev.seed,
+  report = {"step": step, "split": ev.split, "count": len(test), "sampler": sampler, "seed": ev.seed,
             "model": editor.source, "summaries": summaries}
   text = (f"Exact judge on {len(test)} held-out {ev.split} edits (synthetic.judge, 0-5; mean [95% bootstrap "
           f"interval]):\n\n{table_markdown(summaries)}\n\nThe model per category:\n\n"
           f"{category_markdown(summaries['model at 5,5,5'])}\n")
-  checkpointing.write_text_atomic(workdir / "eval.json", json.dumps(report, indent=2) + "\n")
   checkpointing.write_text_atomic(workdir / "eval.md", text)
+  checkpointing.write_text_atomic(done, json.dumps(report, indent=2) + "\n")
   print(text)
   return report

@@ -219,6 +219,7 @@ def train_step(state: TrainState, batch, fparams, rng, *, unet, frozen, tx, sche
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     (loss, grads), _ = jax.lax.scan(accumulate, (0.0, zeros), (jnp.arange(accum), micro))
     loss, grads = loss / accum, jax.tree_util.tree_map(lambda g: g / accum, grads)
+  grads = jax.tree_util.tree_map(lambda g: g * jax.device_count(), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay(state.step + 1, config.ema)
@@ -380,7 +381,8 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
                                        async_save=config.checkpoint.async_save)
   if manager.latest_step() is not None:
     state = _restore(manager, abstract, data_iter)
-    logging.info("resumed from step %d of %s", int(state.step), workdir)
+    if jax.process_index() == 0:
+      print(f"resuming from step {int(jax.device_get(state.step))} of {workdir}", flush=True)
   else:
     host = initial_params(config, spec) if loaded_params is None else loaded_params
     params, ema = sharding.place(host, state_sh.params), sharding.place(host, state_sh.ema_params)
@@ -400,17 +402,22 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
     manager.close()
   if config.eval.count and jax.process_index() == 0 and int(jax.device_get(state.step)) == config.num_steps:
     from mre_jax import synthetic_eval
-    synthetic_eval.evaluate_run(config, workdir, builder)
+    synthetic_eval.evaluate_run(config, workdir, builder, config.num_steps)
   return state
 
 
 def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sample_fn) -> TrainState:
   from tqdm import tqdm
   main_process = jax.process_index() == 0
+  start = int(jax.device_get(state.step))
+  if start >= config.num_steps:  # a rerun of a finished run: no step to take, no loss to report
+    if main_process:
+      print(f"the run is already complete at step {start} (config.num_steps={config.num_steps}); "
+            f"checkpoints in {workdir / checkpointing.STATE_DIR}")
+    return state
   writer = _metric_writer(workdir) if main_process else None
   stop = _StopFlag()
   rng = jax.random.PRNGKey(config.seed)
-  start = int(jax.device_get(state.step))
   bar = tqdm(total=config.num_steps, initial=start, disable=not main_process, unit="step")
   t0, images, metrics = time.time(), 0, {}
   for step in range(start + 1, config.num_steps + 1):
