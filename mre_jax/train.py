@@ -219,7 +219,6 @@ def train_step(state: TrainState, batch, fparams, rng, *, unet, frozen, tx, sche
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     (loss, grads), _ = jax.lax.scan(accumulate, (0.0, zeros), (jnp.arange(accum), micro))
     loss, grads = loss / accum, jax.tree_util.tree_map(lambda g: g / accum, grads)
-  grads = jax.tree_util.tree_map(lambda g: g * jax.device_count(), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay(state.step + 1, config.ema)
