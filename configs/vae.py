@@ -21,6 +21,9 @@ def get_config(arg: str | None = None):
   config.kl_weight = 1e-6  # weight of the KL term (SD's VAE: 1e-6)
   config.log_every = 100  # steps between metrics.jsonl lines
   config.eval_every = 1000  # steps between test evaluations (each writes W/vae and W/vae_eval.json)
+  config.init = ""  # start from a trained VAE (a shipped name, tiny.VAES, or a diffusers folder); "": random
+  config.train_encoder = True  # False (needs init): train the decoder only, the latents stay as they were
+  config.edge_weight = 0.0  # weight of the L1 error of 1-pixel differences (sharper edges)
 
   config.vae = ml_collections.ConfigDict()  # AutoencoderKL architecture (diffusers config keys)
   config.vae.block_out_channels = (32, 48, 64)  # one down block per width: 3 -> a 4x VAE
@@ -44,6 +47,13 @@ def get_config(arg: str | None = None):
     config.data.builder_config = "tiny"
     config.image_size = 32
     config.crop_size = 16
+  elif arg == "sharpen":  # stage 2: decoder-only fine-tune of stage 1's VAE with the edge term
+    config.init = ""  # set to stage 1's workdir (--config.init=W1)
+    config.train_encoder = False
+    config.edge_weight = 1.0
+    config.num_steps = 1500
+    config.lr = 3e-4
+    config.eval_every = 500
   elif arg not in (None, ""):
-    raise ValueError(f"configs/vae.py: unknown variant {arg!r} (expected quick)")
+    raise ValueError(f"configs/vae.py: unknown variant {arg!r} (expected quick or sharpen)")
   return config

@@ -12,7 +12,12 @@ AutoencoderKL format, so the loading code that reads SD's VAE reads it too:
   W/metrics.jsonl    loss, reconstruction error and KL every `log_every` steps
 
 Loss: L1 + L2 reconstruction of the decoded posterior sample, plus `kl_weight` times the KL
-to a unit Gaussian (as SD's VAE, without the perceptual and adversarial terms). Training uses
+to a unit Gaussian (as SD's VAE, without the perceptual and adversarial terms), plus
+`edge_weight` times the L1 error of the 1-pixel differences (an edge term: L1/L2 alone settle
+for soft edges where the latent is ambiguous). `init` starts from a trained VAE (a shipped
+name or a folder) and `train_encoder=False` trains only the decoder (post_quant_conv and
+decoder), as SD's ft-MSE VAE: the latents, so every latent cache and U-Net trained on them,
+stay valid. Training uses
 random crops (the VAE is convolutional); evaluation runs on whole images. After training,
 `scaling_factor` (1 / the std of the posterior means over training images, SD's convention,
 0.18215 for SD 1.5) is written into the config, so that scaled latents have unit variance.
@@ -31,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mre_jax import checkpointing, export, input_pipeline, pretrained, weights
+from mre_jax import checkpointing, export, input_pipeline, pretrained, tiny, weights
 from mre_jax.errors import ConfigError
 
 IMAGE_KINDS = ("original", "truth", "edited")  # the images of a synthetic_edit example
@@ -59,6 +64,8 @@ def validate(config) -> None:
   if config.crop_size % factor or config.crop_size > config.image_size:
     raise ConfigError(f"config.crop_size={config.crop_size}: must be a multiple of the VAE's factor {factor} and "
                       f"at most config.image_size={config.image_size}")
+  if not config.init and not config.train_encoder:
+    raise ConfigError("config.train_encoder=False needs config.init (a trained VAE whose encoder to keep)")
   if config.num_steps < 1 or config.batch_size < 1:
     raise ConfigError(f"config.num_steps={config.num_steps}, config.batch_size={config.batch_size}: must be >= 1")
 
@@ -76,21 +83,37 @@ def _posterior(vae, params, x):
   return pretrained.vae_encode(vae, params, x)
 
 
-def loss_fn(params, x, rng, *, vae, kl_weight: float):
-  """(loss, (reconstruction error, KL per latent pixel)) for images x [B, H, W, 3] in [-1, 1]."""
+def loss_fn(params, x, rng, *, vae, kl_weight: float, edge_weight: float = 0.0):
+  """(loss, (reconstruction error, KL per latent pixel, edge error)) for images x [B, H, W, 3] in [-1, 1]."""
   mean, logvar = _posterior(vae, params, x)
   z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
   y = pretrained.vae_decode(vae, params, z)
   rec = jnp.mean(jnp.abs(y - x)) + jnp.mean((y - x) ** 2)
   kl = 0.5 * jnp.mean(jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
-  return rec + kl_weight * kl, (rec, kl)
+  edge = sum(jnp.mean(jnp.abs(jnp.diff(y, axis=a) - jnp.diff(x, axis=a))) for a in (1, 2))
+  return rec + kl_weight * kl + edge_weight * edge, (rec, kl, edge)
 
 
-def train_step(params, opt_state, x, rng, *, vae, tx, kl_weight: float):
-  (loss, (rec, kl)), grads = jax.value_and_grad(
-      functools.partial(loss_fn, vae=vae, kl_weight=kl_weight), has_aux=True)(params, x, rng)
+def train_step(params, opt_state, x, rng, *, vae, tx, kl_weight: float, edge_weight: float = 0.0):
+  (loss, (rec, kl, edge)), grads = jax.value_and_grad(
+      functools.partial(loss_fn, vae=vae, kl_weight=kl_weight, edge_weight=edge_weight), has_aux=True)(params, x, rng)
   updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, {"loss": loss, "reconstruction": rec, "kl": kl}
+  return optax.apply_updates(params, updates), opt_state, {"loss": loss, "reconstruction": rec, "kl": kl,
+                                                           "edge": edge}
+
+
+ENCODER = ("encoder", "quant_conv")  # the parameters that make the latents
+
+
+def optimizer(config):
+  """Adam on a cosine schedule with global-norm clipping; the encoder is frozen (no update, no
+  Adam state) when `config.train_encoder` is False."""
+  schedule = optax.cosine_decay_schedule(config.lr, config.num_steps, alpha=0.05)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+  if config.train_encoder:
+    return tx
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               lambda params: {k: "frozen" if k in ENCODER else "train" for k in params})
 
 
 def _random_crops(images: np.ndarray, rng: np.random.Generator, batch: int, crop: int) -> np.ndarray:
@@ -150,13 +173,24 @@ def train_vae(config, workdir: str | None) -> Path:
   if train_images.shape[1] != config.image_size:
     raise ConfigError(f"config.image_size={config.image_size} but {config.data.name}:{config.data.builder_config} "
                       f"has {train_images.shape[1]} px images")
-  vae_cfg = vae_config(config)
-  vae = pretrained.make_vae(vae_cfg)
-  params = jax.device_put(weights.init_like_torch(pretrained.vae_param_shapes(vae), config.seed))
-  schedule = optax.cosine_decay_schedule(config.lr, config.num_steps, alpha=0.05)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+  if config.init:
+    vae, params = pretrained.load_vae(tiny.vae_folder(config.init))
+    vae_cfg = {k: v for k, v in pretrained.read_config(tiny.vae_folder(config.init) / "vae").items()
+               if k in vae_config(config)}
+    if vae_cfg["sample_size"] != config.image_size:
+      raise ConfigError(f"config.init={config.init!r} was trained at {vae_cfg['sample_size']} px but "
+                        f"config.image_size={config.image_size}")
+  else:
+    vae_cfg = vae_config(config)
+    vae = pretrained.make_vae(vae_cfg)
+    params = weights.init_like_torch(pretrained.vae_param_shapes(vae), config.seed)
+  # A frozen encoder makes the init's latents: keep its scaling too (caches stay valid bit for bit).
+  scaling = None if config.train_encoder else float(vae_cfg["scaling_factor"])
+  params = jax.device_put(params)
+  tx = optimizer(config)
   opt_state = tx.init(params)
-  step_fn = jax.jit(functools.partial(train_step, vae=vae, tx=tx, kl_weight=config.kl_weight), donate_argnums=(0, 1))
+  step_fn = jax.jit(functools.partial(train_step, vae=vae, tx=tx, kl_weight=config.kl_weight,
+                                      edge_weight=config.edge_weight), donate_argnums=(0, 1))
   rng, key = np.random.default_rng(config.seed), jax.random.PRNGKey(config.seed)
   log = open(workdir / "metrics.jsonl", "a")
   t0 = time.time()
@@ -169,17 +203,20 @@ def train_vae(config, workdir: str | None) -> Path:
       log.flush()
       print(f"vae step {step}/{config.num_steps}: loss {scalars['loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
     if (config.eval_every and step % config.eval_every == 0) or step == config.num_steps:
-      _finish(config, workdir, vae, vae_cfg, jax.device_get(params), train_images, test_images, step, time.time() - t0)
+      _finish(config, workdir, vae, vae_cfg, jax.device_get(params), train_images, test_images, step, time.time() - t0,
+              scaling)
   log.close()
   return workdir / "vae"
 
 
 def _finish(config, workdir: Path, vae, vae_cfg: dict, params: Any, train_images, test_images, step: int,
-            seconds: float) -> None:
-  """Scaling factor, test PSNR, and the diffusers folder of the params at `step`, written atomically."""
+            seconds: float, scaling: float | None = None) -> None:
+  """Scaling factor (measured unless given), test PSNR, and the diffusers folder of the params at
+  `step`, written atomically."""
   recon = reconstruct_fn(vae)
-  _, means = evaluate(recon, params, train_images[:3 * 500])
-  scaling = float(1.0 / np.std(means))
+  if scaling is None:
+    _, means = evaluate(recon, params, train_images[:3 * 500])
+    scaling = float(1.0 / np.std(means))
   scores, _ = evaluate(recon, params, test_images)
   report = {"step": step, "psnr_db": psnr_by_kind(scores), "scaling_factor": scaling, "train_seconds": seconds,
             "test_images": int(len(test_images)), "config": config.to_dict()}

@@ -81,3 +81,47 @@ def test_bad_vae_config_fails_early(override, message, tmp_path):
   target[leaf] = value
   with pytest.raises(ConfigError, match=message):
     vae_train.train_vae(config, str(tmp_path))
+
+
+def test_decoder_only_finetune_keeps_the_latents(vae_run, tmp_path):
+  """train_encoder=False (configs/vae.py:sharpen) changes the decoder only: the encoder's params,
+  hence every latent and the scaling factor, are those of the init."""
+  config, first = vae_run
+  config = vae_config.get_config("quick")
+  config.data.data_dir = vae_run[0].data.data_dir
+  config.init, config.train_encoder, config.edge_weight = str(first), False, 1.0
+  vae_train.train_vae(config, str(tmp_path))
+  _, before = pretrained.load_vae(first)
+  _, after = pretrained.load_vae(tmp_path)
+  for part in ("encoder", "quant_conv"):
+    for a, b in zip(jax.tree_util.tree_leaves(before[part]), jax.tree_util.tree_leaves(after[part])):
+      np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before["decoder"]),
+                                                       jax.tree_util.tree_leaves(after["decoder"])))
+  assert (pretrained.read_config(tmp_path / "vae")["scaling_factor"]
+          == pretrained.read_config(first / "vae")["scaling_factor"])
+  metrics = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert all(m["edge"] > 0 for m in metrics)
+
+
+def test_edge_term_is_the_l1_error_of_pixel_differences():
+  vae_cfg = vae_train.vae_config(vae_config.get_config("quick"))
+  vae = pretrained.make_vae(vae_cfg)
+  from mre_jax import weights
+  params = weights.init_like_torch(pretrained.vae_param_shapes(vae), 0)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3), minval=-1, maxval=1)
+  rng = jax.random.PRNGKey(2)
+  _, (_, _, edge) = vae_train.loss_fn(params, x, rng, vae=vae, kl_weight=0.0, edge_weight=1.0)
+  mean, logvar = pretrained.vae_encode(vae, params, x)
+  y = np.asarray(pretrained.vae_decode(vae, params, mean + np.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)))
+  x = np.asarray(x)
+  want = (np.abs((y[:, 1:] - y[:, :-1]) - (x[:, 1:] - x[:, :-1])).mean()
+          + np.abs((y[:, :, 1:] - y[:, :, :-1]) - (x[:, :, 1:] - x[:, :, :-1])).mean())
+  np.testing.assert_allclose(float(edge), want, rtol=1e-4)
+
+
+def test_decoder_only_needs_an_init(tmp_path):
+  config = vae_config.get_config("quick")
+  config.train_encoder = False
+  with pytest.raises(ConfigError, match="train_encoder=False needs config.init"):
+    vae_train.train_vae(config, str(tmp_path))
