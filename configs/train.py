@@ -17,6 +17,7 @@ def get_config(arg: str | None = None):
   config.batch_size = 8  # global examples per optimiser step (all processes, all microbatches)
   config.grad_accum_steps = 1  # microbatches per optimiser step
   config.cond_dropout = 0.05  # p: instruction dropped when r < 2p, image when p <= r < 3p
+  config.noise_offset = 0.0  # per-(example, channel) noise added to the training noise (diffusers' noise_offset)
   config.log_every = 10  # steps between TensorBoard scalars / progress updates
 
   config.model = ml_collections.ConfigDict()

@@ -85,6 +85,18 @@ def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int = 1000
   return jax.random.randint(rng, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
 
 
+def training_noise(rng: jax.Array, shape: tuple[int, ...], offset: float = 0.0) -> jax.Array:
+  """The noise a training step adds: N(0, 1) per element plus `offset` times N(0, 1) per (example,
+  channel), shared by all pixels (diffusers' `noise_offset`). With small latents the start noise's
+  per-channel mean is a colour the model learns to keep (T's SNR is not 0); the offset teaches it
+  to take colours from the conditions instead."""
+  k_pixel, k_offset = jax.random.split(rng)
+  noise = jax.random.normal(k_pixel, shape)
+  if offset:
+    noise = noise + offset * jax.random.normal(k_offset, (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],))
+  return noise
+
+
 def _per_example(coef: jax.Array, ndim: int) -> jax.Array:
   """Reshapes per-example coefficients [B] to [B, 1, ..., 1] (ndim dims) for broadcasting."""
   return coef.reshape(coef.shape + (1,) * (ndim - coef.ndim))

@@ -218,3 +218,13 @@ def test_steps_under_jit_and_fori_loop(schedule, eps_table, start_noise):
     assert_close(g, e, rel=1e-5)
   # The ancestral sampler really is stochastic and the deterministic ones differ from it.
   assert float(jnp.max(jnp.abs(got[0] - got[1]))) > 1e-2
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.3])
+def test_training_noise_offset_is_one_value_per_example_and_channel(offset):
+  """The spatial mean of each (example, channel) of the noise has variance offset^2 + 1/(H*W):
+  the offset is shared by all pixels (not per pixel, which would add offset^2 per pixel instead)."""
+  noise = np.asarray(diffusion.training_noise(jax.random.PRNGKey(0), (512, 16, 16, 8), offset))
+  spatial_means = noise.mean(axis=(1, 2))
+  np.testing.assert_allclose(spatial_means.var(), offset ** 2 + 1 / 256, rtol=0.1)
+  np.testing.assert_allclose((noise - spatial_means[:, None, None]).var(), 1 - 1 / 256, rtol=0.02)
