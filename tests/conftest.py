@@ -1,3 +1,4 @@
+import collections
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import numpy as np
 import pytest
 
-from mre_jax import tiny
+from mre_jax import sampling, tiny
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +50,28 @@ def tfds_tiny(tmp_path_factory):
   path = tmp_path_factory.mktemp("tfds_tiny")
   input_pipeline.build_dataset("synthetic_edit", str(path), config="tiny")
   return str(path)
+
+
+class SamplerTraces:
+  """Sampler traces (compiles) since `mark()`, by key (scheduler, steps, image shape).
+
+  `sampling.TRACES` counts for the whole process, and the compiled samplers are shared by every
+  editor of an equal model in it: a test that compared totals would depend on what ran before it
+  (in this process, or on this xdist worker). The fixture starts from an empty sampler cache, so
+  a test's first edit of a size traces once, whatever ran before.
+  """
+
+  def __init__(self):
+    self.mark()
+
+  def mark(self) -> None:
+    self._start = collections.Counter(sampling.TRACES)
+
+  def since(self) -> collections.Counter:
+    return sampling.TRACES - self._start
+
+
+@pytest.fixture
+def sampler_traces(monkeypatch):
+  monkeypatch.setattr(sampling, "_SAMPLE_FNS", {})
+  return SamplerTraces()

@@ -251,7 +251,8 @@ def test_real_edit(tmp_path):
 def test_real_edit_parse_instruction():
   reb = sys.modules[ip.builder_class("real_edit").__module__]  # puts data/ on the path (alone under -k, too)
   assert reb.parse_instruction("Global. Tone: warm: make it warmer") == ("Global", "make it warmer")
-  for text, reason in (("Local make it red", "bad_instruction_format"), ("Local. make it red", "bad_instruction_format"),
+  for text, reason in (("Local make it red", "bad_instruction_format"),
+                       ("Local. make it red", "bad_instruction_format"),
                        (None, "bad_instruction_format"), ("Colour. x: y", "bad_category"),
                        ("Local. x:  ", "empty_instruction")):
     with pytest.raises(records.BadRecord) as e:

@@ -101,17 +101,19 @@ def test_rewards_change_the_result(editor, pixels, init_noise):
   assert np.abs(best - low).max() > 1e-3 and np.abs(best - text).max() > 1e-3
 
 
-def test_seeded_euler_ancestral_is_reproducible_per_example_and_compiles_once(editor, pixels):
-  run = lambda seeds, **kw: edit.edit_arrays(editor, pixels, PROMPTS, seeds=seeds, steps=STEPS, **kw)
-  first = run([3, 4])
-  key = ("euler_ancestral", STEPS, pixels.shape)
-  traces = sampling.TRACES[key]
-  np.testing.assert_array_equal(first, run([3, 4]))
-  swapped = run([4, 3])  # each example's noise comes from its own seed, whatever its batch position
-  np.testing.assert_allclose(swapped[1], run([3, 3])[1], atol=1e-5)
-  assert np.abs(first - swapped).max() > 1e-3
-  run([3, 4], scores=[[1, 1, 1]] * 2, text_guidance=3.0, image_guidance=1.0)  # traced values: no recompile
-  assert sampling.TRACES[key] == traces == 1
+def test_seeded_euler_ancestral_depends_only_on_the_example_and_compiles_once(editor, pixels, sampler_traces):
+  def run(order, seeds, **kwargs):  # the examples (image, prompt) in `order`, with these seeds
+    return edit.edit_arrays(editor, pixels[order], [PROMPTS[i] for i in order], seeds=seeds, steps=STEPS, **kwargs)
+  first = run([0, 1], [3, 4])
+  assert sampler_traces.since() == {("euler_ancestral", STEPS, pixels.shape): 1}
+  sampler_traces.mark()
+  np.testing.assert_array_equal(first, run([0, 1], [3, 4]))
+  # example 0 with seed 3 at batch position 1, beside another image, prompt and seed: the same result
+  moved = run([1, 0], [7, 3])
+  np.testing.assert_allclose(moved[1], first[0], rtol=0, atol=1e-5)
+  assert np.abs(moved[0] - first[1]).max() > 1e-3  # example 1's seed 7 instead of 4: another result
+  run([0, 1], [3, 4], scores=[[1, 1, 1]] * 2, text_guidance=3.0, image_guidance=1.0)
+  assert not sampler_traces.since()  # seeds, scores and guidance are traced values: no recompile
 
 
 def test_non_finite_output_fails_loudly(editor, pixels, init_noise):
