@@ -1,6 +1,10 @@
 """README promises: the Python API snippet runs, and CI runs README's install and test commands."""
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,3 +28,25 @@ def test_ci_runs_the_readme_commands():
   ci = (ROOT / ".ci" / "run").read_text()
   assert f"pip install --quiet {install}" in ci
   assert quick[1] in ci
+
+
+def test_a_skip_fails_the_run_under_ci(tmp_path):
+  """With CI=true, a module skipped at import (torch missing) or a test skipped while running (no
+  compiler) fails the run; an expected failure (xfail) does not. Without CI, they skip."""
+  shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+  (tmp_path / "test_import.py").write_text('import pytest\npytest.importorskip("no_such_module")\n')
+  (tmp_path / "test_run.py").write_text(
+      "import pytest\n\ndef test_skip():\n  pytest.skip('no compiler')\n\n"
+      "@pytest.mark.xfail(strict=True)\ndef test_xfail():\n  assert False\n\ndef test_pass():\n  pass\n")
+
+  def run(ci):
+    env = {k: v for k, v in os.environ.items() if k != "CI"} | ({"CI": ci} if ci else {})
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           "--continue-on-collection-errors", "-rfEs", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  local = run(None)
+  assert local.returncode == 0 and "1 passed, 2 skipped, 1 xfailed" in local.stdout, local.stdout[-3000:]
+  ci = run("true")
+  assert ci.returncode == 1 and "1 failed, 1 passed, 1 xfailed, 1 error" in ci.stdout, ci.stdout[-3000:]
+  assert "test_import.py skipped under CI=true" in ci.stdout and "no_such_module" in ci.stdout
+  assert "test_run.py::test_skip skipped under CI=true" in ci.stdout and "no compiler" in ci.stdout
