@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -105,6 +106,36 @@ def test_convert_sd15_style_source_widens_conv_in_and_adds_reward_modules(tmp_pa
     kernel = params["conv_in"]["kernel"]
     np.testing.assert_array_equal(kernel[:, :, 4:], 0)
     np.testing.assert_array_equal(kernel[:, :, :4], source["conv_in.weight"].transpose(2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("form", ["safetensors", "bin"])
+def test_float16_sources_load_as_float32_and_bin_sources_export_as_safetensors(form, tiny_folder, tmp_path):
+  """SD 1.5 checkpoints are often float16, older ones in .bin files: the U-Net (through convert), VAE
+  and text encoder load as float32 params holding the float16 values, and export writes safetensors."""
+  source = shutil.copytree(tiny_folder, tmp_path / "source")
+  for name in WEIGHT_FILES:
+    half = {k: v.astype(np.float16) for k, v in load_file(str(source / name)).items()}
+    if form == "bin":
+      (source / name).unlink()
+      bin_name = "pytorch_model.bin" if name.endswith("/model.safetensors") else "diffusion_pytorch_model.bin"
+      torch.save({k: torch.from_numpy(v) for k, v in half.items()}, (source / name).with_name(bin_name))
+    else:
+      save_file(half, str(source / name))
+  as_half = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), tree)
+  _convert(source, tmp_path / "ckpt")
+  loaded = {"unet": checkpointing.restore_params(tmp_path / "ckpt", use_ema=False)[1],
+            "vae": pretrained.load_vae(source)[1], "text": pretrained.load_text_encoder(source)[1]}
+  expected = {"unet": as_half(export.unet_from_diffusers(tiny_folder)[1]),
+              "vae": as_half(pretrained.load_vae(tiny_folder)[1]),
+              "text": as_half(pretrained.load_text_encoder(tiny_folder)[1])}
+  for part in loaded:
+    assert {np.asarray(x).dtype for x in jax.tree_util.tree_leaves(loaded[part])} == {np.dtype(np.float32)}, part
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded[part], expected[part])
+  out = _export(tmp_path / "ckpt", tmp_path / "out")
+  assert not list(out.rglob("*.bin")) and all((out / name).is_file() for name in WEIGHT_FILES)
+  vae = "vae/diffusion_pytorch_model.safetensors"
+  np.testing.assert_array_equal(load_file(str(out / vae))["decoder.conv_out.weight"],
+                                load_file(str(tiny_folder / vae))["decoder.conv_out.weight"].astype(np.float16))
 
 
 def test_convert_errors_leave_no_output(tiny_folder, tmp_path):
