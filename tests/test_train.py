@@ -361,6 +361,25 @@ def test_two_processes_train_together_and_match_one_process(reference, tfds_dir,
   _assert_same_training(_saved_state(workdir), _saved_state(reference[0]), _initial_params(workdir))
 
 
+def test_export_and_edit_use_the_ema_parameters_unless_told_otherwise(reference, tmp_path):
+  """After 6 steps the EMA params differ from the raw ones: the exported U-Net and the editor's are
+  the EMA tree by default, the raw tree with use_ema=False (compared with the run's own state)."""
+  from configs import export as export_config
+  from mre_jax import edit, export
+  workdir, state = reference
+  assert all(np.abs(a - b).max() > 0 for a, b in zip(_leaves(state.params), _leaves(state.ema_params)))
+  in_channels = checkpointing.read_spec(workdir).unet.in_channels
+  for use_ema, want in ((None, state.ema_params), (True, state.ema_params), (False, state.params)):
+    config = export_config.get_config()
+    config.checkpoint, config.output_dir = str(workdir), str(tmp_path / f"export_{use_ema}")
+    if use_ema is not None:
+      config.use_ema = use_ema
+    exported = export.unet_from_diffusers(export.export(config), in_channels=in_channels)[1]
+    _assert_trees_equal(exported, want)
+    kwargs = {} if use_ema is None else {"use_ema": use_ema}
+    _assert_trees_equal(edit.load_editor(workdir, **kwargs).unet_params, want)
+
+
 def test_interrupted_save_is_never_picked_up(reference, tmp_path):
   workdir = _copy_run(reference[0], tmp_path / "run", last_step=5)
   (workdir / "state" / "9.orbax-checkpoint-tmp-1234").mkdir()  # a save killed mid-write
