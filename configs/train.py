@@ -18,6 +18,7 @@ def get_config(arg: str | None = None):
   config.grad_accum_steps = 1  # microbatches per optimiser step
   config.cond_dropout = 0.05  # p: instruction dropped when r < 2p, image when p <= r < 3p
   config.noise_offset = 0.0  # per-(example, channel) noise added to the training noise (diffusers' noise_offset)
+  config.noise_pyramid = 0.0  # d > 0: multi-resolution training noise, level i weighted d^i (diffusion.training_noise)
   config.log_every = 10  # steps between TensorBoard scalars / progress updates
 
   config.model = ml_collections.ConfigDict()

@@ -85,13 +85,33 @@ def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int = 1000
   return jax.random.randint(rng, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
 
 
-def training_noise(rng: jax.Array, shape: tuple[int, ...], offset: float = 0.0) -> jax.Array:
-  """The noise a training step adds: N(0, 1) per element plus `offset` times N(0, 1) per (example,
-  channel), shared by all pixels (diffusers' `noise_offset`). With small latents the start noise's
-  per-channel mean is a colour the model learns to keep (T's SNR is not 0); the offset teaches it
-  to take colours from the conditions instead."""
-  k_pixel, k_offset = jax.random.split(rng)
+def training_noise(rng: jax.Array, shape: tuple[int, ...], offset: float = 0.0, pyramid: float = 0.0) -> jax.Array:
+  """The noise a training step adds to latents [B, h, w, C].
+
+  N(0, 1) per element, plus:
+  - `offset` times N(0, 1) per (example, channel), shared by all pixels (diffusers' `noise_offset`);
+  - with `pyramid` = d > 0, multi-resolution ("pyramid") noise: level i (1, 2, ... down to 1x1)
+    adds d^i times N(0, 1) drawn at h / 2^i x w / 2^i and repeated over 2^i x 2^i blocks; the
+    sum is divided by sqrt(sum of d^(2i)), so every element keeps unit variance.
+  Why: the schedule's last step keeps sqrt(alphas_cumprod[T]) = 0.07 of the image, and in small
+  latents its low frequencies (colours, layout) show through the noise, so a model learns to read
+  them there. Sampling starts from noise without them: the model then keeps the start noise's
+  low frequencies as colours. Extra low-frequency noise in training hides that leak, and the
+  model learns to take colours and layout from its conditions instead.
+  """
+  k_pixel, k_offset, k_pyramid = jax.random.split(rng, 3)
   noise = jax.random.normal(k_pixel, shape)
+  if pyramid:
+    b, h, w, c = shape
+    total, level = 1.0, 1
+    while h >> (level - 1) > 1 and w >> (level - 1) > 1:
+      f = 2 ** level
+      coarse = jax.random.normal(jax.random.fold_in(k_pyramid, level), (b, -(-h // f), -(-w // f), c))
+      coarse = jnp.repeat(jnp.repeat(coarse, f, axis=1), f, axis=2)[:, :h, :w]
+      noise = noise + pyramid ** level * coarse
+      total += pyramid ** (2 * level)
+      level += 1
+    noise = noise / jnp.sqrt(total)
   if offset:
     noise = noise + offset * jax.random.normal(k_offset, (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],))
   return noise

@@ -74,6 +74,8 @@ def validate(config, num_devices: int) -> None:
                       f"{micro} is not divisible by the {num_devices} devices of the mesh")
   if config.noise_offset < 0:
     raise ConfigError(f"config.noise_offset={config.noise_offset}: must be >= 0")
+  if not 0 <= config.noise_pyramid < 1:
+    raise ConfigError(f"config.noise_pyramid={config.noise_pyramid}: must be in [0, 1)")
   if not 0 <= config.cond_dropout < 1 / 3:
     raise ConfigError(f"config.cond_dropout={config.cond_dropout}: must be in [0, 1/3)")
 
@@ -189,7 +191,7 @@ def loss_fn(params, batch, rng, *, unet, frozen: Frozen, fparams, schedule, conf
   k_lat, k_noise, k_t, k_drop, k_dropout = jax.random.split(rng, 5)
   latents, cond, context, reward_embeds, empty = _encode(frozen, fparams, batch, k_lat)
   b = latents.shape[0]
-  noise = diffusion.training_noise(k_noise, latents.shape, config.noise_offset)
+  noise = diffusion.training_noise(k_noise, latents.shape, config.noise_offset, config.noise_pyramid)
   t = diffusion.sample_timesteps(k_t, b, schedule.num_train_timesteps)
   noisy = diffusion.add_noise(schedule, latents, noise, t)
   p = config.cond_dropout

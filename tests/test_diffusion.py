@@ -228,3 +228,15 @@ def test_training_noise_offset_is_one_value_per_example_and_channel(offset):
   spatial_means = noise.mean(axis=(1, 2))
   np.testing.assert_allclose(spatial_means.var(), offset ** 2 + 1 / 256, rtol=0.1)
   np.testing.assert_allclose((noise - spatial_means[:, None, None]).var(), 1 - 1 / 256, rtol=0.02)
+
+
+def test_pyramid_noise_has_unit_variance_and_the_expected_low_frequencies():
+  """16x16 latents, d = 0.8: levels i = 1..4 repeat N(0, 1) over 2^i blocks, weighted d^i, and the
+  sum is divided by sqrt(1 + sum d^(2i)). The whole-image mean of level i averages 256 / 4^i
+  independent values, so its variance is d^(2i) 4^i / 256 (1 / 256 for the white part)."""
+  d = 0.8
+  noise = np.asarray(diffusion.training_noise(jax.random.PRNGKey(0), (1024, 16, 16, 4), pyramid=d))
+  norm = 1 + sum(d ** (2 * i) for i in range(1, 5))
+  np.testing.assert_allclose(noise.var(), 1.0, rtol=0.02)
+  want = sum(d ** (2 * i) * 4 ** i / 256 for i in range(0, 5)) / norm
+  np.testing.assert_allclose(noise.mean(axis=(1, 2)).var(), want, rtol=0.1)
