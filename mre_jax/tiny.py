@@ -82,9 +82,13 @@ def vae_folder(name: str) -> Path | None:
   return folder
 
 
-def write_frozen_parts(folder: str | Path, seed: int = 0, vae: str = "") -> Path:
+def write_frozen_parts(folder: str | Path, seed: int = 0, vae: str = "", scheduler: dict | None = None) -> Path:
   """Tiny tokenizer/, text_encoder/ (random) and scheduler/ in diffusers format, and vae/:
-  random tiny, or copied from `vae` (see `vae_folder`)."""
+  random tiny, or copied from `vae` (see `vae_folder`). `scheduler`: keys of SD 1.5's scheduler
+  config (export.SCHEDULER_CONFIG) to change, for example the beta schedule."""
+  unknown = sorted(set(scheduler or {}) - set(export.SCHEDULER_CONFIG))
+  if unknown:
+    raise ValueError(f"scheduler config keys {unknown}: expected some of {sorted(export.SCHEDULER_CONFIG)}")
   folder = Path(folder)
   vocab_size = write_tokenizer(folder / "tokenizer")
   text = pretrained.make_text_encoder(text_config(vocab_size))
@@ -99,7 +103,7 @@ def write_frozen_parts(folder: str | Path, seed: int = 0, vae: str = "") -> Path
   export.write_component(folder / "text_encoder", text_config(vocab_size),
                          pretrained.text_encoder_state_dict(text_params), export.TEXT_WEIGHTS)
   (folder / "scheduler").mkdir(exist_ok=True)
-  (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(export.SCHEDULER_CONFIG))
+  (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**export.SCHEDULER_CONFIG, **(scheduler or {})}))
   return folder
 
 

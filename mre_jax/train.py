@@ -22,7 +22,8 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mre_jax import checkpointing, diffusion, edit, export, latent_cache, models, ops, pretrained, sharding, tiny
+from mre_jax import (checkpointing, diffusion, edit, export, latent_cache, models, ops, pretrained, sampling, sharding,
+                     tiny)
 from mre_jax.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -44,6 +45,8 @@ class Frozen:
   text_encoder: Any
   tokenizer: Any
   scaling_factor: float
+  scheduler_config: dict = dataclasses.field(
+      default_factory=lambda: dict(export.SCHEDULER_CONFIG), compare=False)  # the noise schedule
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -102,7 +105,8 @@ def prepare_workdir(config, workdir: Path) -> tuple[checkpointing.ModelSpec, Any
   if jax.process_index() == 0:
     tmp = checkpointing.staging_dir(workdir / checkpointing.FROZEN_DIR)
     if config.model.init == "tiny":
-      tiny.write_frozen_parts(tmp, seed=config.seed, vae=config.model.get("vae", ""))
+      tiny.write_frozen_parts(tmp, seed=config.seed, vae=config.model.get("vae", ""),
+                              scheduler=dict(config.model.get("scheduler", {})))
     else:
       source = config.model.pretrained
       source = checkpointing.frozen_dir(source) if checkpointing.is_checkpoint(source) else source
@@ -126,13 +130,22 @@ def initial_params(config, spec: checkpointing.ModelSpec) -> Any:
   return params
 
 
+def training_schedule(frozen: Frozen) -> diffusion.Schedule:
+  """The noise schedule of the model's own scheduler config (frozen/scheduler/), as diffusers'
+  training scripts read it: the sampler (edit, sample grids, evaluation) reads the same file."""
+  spec = sampling.spec_from_scheduler_config(frozen.scheduler_config, "euler_ancestral", 1)
+  return diffusion.make_schedule(spec.num_train_timesteps, spec.beta_start, spec.beta_end, spec.beta_schedule)
+
+
 def load_frozen(workdir: Path, dtype, kernels: ops.Kernels = ops.Kernels()) -> tuple[Frozen, dict]:
   """(modules, host params {"vae", "text", "empty_ids" [1, 77]}) of a workdir's frozen parts."""
   folder = checkpointing.frozen_dir(workdir)
   vae, vae_params = pretrained.load_vae(folder, dtype, kernels)
   text_encoder, text_params = pretrained.load_text_encoder(folder, dtype, kernels)
   tokenizer = pretrained.load_tokenizer(folder)
-  frozen = Frozen(vae, text_encoder, tokenizer, float(vae.config.scaling_factor))
+  scheduler_file = folder / "scheduler" / "scheduler_config.json"
+  scheduler_config = pretrained.read_config(scheduler_file) if scheduler_file.is_file() else export.SCHEDULER_CONFIG
+  frozen = Frozen(vae, text_encoder, tokenizer, float(vae.config.scaling_factor), dict(scheduler_config))
   return frozen, {"vae": vae_params, "text": text_params, "empty_ids": pretrained.tokenize(tokenizer, [""])}
 
 
@@ -393,7 +406,7 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
     state = TrainState(jax.device_put(np.int32(0), state_sh.step), params, ema, opt_state)
 
   step_fn = jax.jit(
-      functools.partial(train_step, unet=unet, frozen=frozen, tx=tx, schedule=diffusion.make_schedule(),
+      functools.partial(train_step, unet=unet, frozen=frozen, tx=tx, schedule=training_schedule(frozen),
                         config=config),
       in_shardings=(state_sh, sharding.batch_sharding(mesh), repl, repl), out_shardings=(state_sh, repl),
       donate_argnums=0)
@@ -467,8 +480,7 @@ GRID_LABELS = ("input", "truth", "target", "edit at 5,5,5", "edit at target's re
 
 def make_sample_grid_fn(config, unet, frozen: Frozen, batch):
   """fn(ema_params, fparams) -> uint8 grid image of `batch` (see `_sample_grid`), built once per run."""
-  from mre_jax import sampling
-  spec = sampling.SamplerSpec(scheduler="euler_ancestral", num_steps=config.sample.steps)
+  spec = sampling.spec_from_scheduler_config(frozen.scheduler_config, "euler_ancestral", config.sample.steps)
   sample_fn = sampling.make_sample_fn(unet, frozen.vae, frozen.scaling_factor, spec)
   encode = jax.jit(functools.partial(pretrained.encode_text, frozen.text_encoder))
   return functools.partial(_sample_grid, sample_fn, encode, batch, frozen, config.sample.tile)
