@@ -13,13 +13,13 @@ def get_config(arg: str | None = None):
   config.job = "train"
   config.seed = 0  # parameters, data order, noise: a run is a function of the seed
   config.stage = 2  # 1: InstructPix2Pix (no rewards); 2: MRE (reward conditioning)
-  config.num_steps = 300  # optimiser steps
+  config.num_steps = 1500  # optimiser steps
   config.batch_size = 8  # global examples per optimiser step (all processes, all microbatches)
   config.grad_accum_steps = 1  # microbatches per optimiser step
   config.cond_dropout = 0.05  # p: instruction dropped when r < 2p, image when p <= r < 3p
   config.noise_offset = 0.0  # per-(example, channel) noise added to the training noise (diffusers' noise_offset)
   config.noise_pyramid = 0.0  # d > 0: multi-resolution training noise, level i weighted d^i (diffusion.training_noise)
-  config.log_every = 10  # steps between TensorBoard scalars / progress updates
+  config.log_every = 50  # steps between TensorBoard scalars / progress updates
 
   config.model = ml_collections.ConfigDict()
   config.model.init = "tiny"  # tiny: random tiny model; pretrained: from model.pretrained
@@ -33,9 +33,11 @@ def get_config(arg: str | None = None):
   config.model.conv = "auto"  # auto | xla | winograd
   config.model.norm = "auto"  # GroupNorm: auto | xla | cpu
   config.model.vae = "synthetic_64px"  # init=tiny: a shipped VAE (tiny.VAES), a diffusers folder, or "" (random)
-  # init=tiny: the noise schedule written to frozen/scheduler/ (training and sampling read it). DDPM's
-  # linear one: its last step keeps 0.006 of the image, SD's 0.07, which 16x16 latents leak (colours).
-  config.model.scheduler = ml_collections.ConfigDict(dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02))
+  # init=tiny: keys of the scheduler config written to frozen/scheduler/ (training and sampling read it)
+  # over SD 1.5's. v_prediction: at high noise an epsilon target weighs the image by alpha_bar / (1 -
+  # alpha_bar) (0.005 at the last step), too little for a small U-Net to learn to draw it from the input
+  # image; edits then take their colours from the start noise. A velocity target weighs it >= 1.
+  config.model.scheduler = ml_collections.ConfigDict(dict(prediction_type="v_prediction"))
   config.model.unet = ml_collections.ConfigDict()  # init=tiny: fields of models.UNetConfig over tiny.UNET
   config.model.unet.in_channels = 16  # noisy latents + image latents (the shipped VAE has 8 channels)
   config.model.unet.out_channels = 8
@@ -59,13 +61,13 @@ def get_config(arg: str | None = None):
   config.data.prefetch = 8  # batches prefetched
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 3e-4  # the tiny demo learns faster than the paper's 5e-5
+  config.optim.lr = 1e-3  # the tiny demo learns faster than the paper's 5e-5
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
   config.optim.eps = 1e-8
   config.optim.weight_decay = 1e-2
   config.optim.clip_norm = 1.0  # global-norm gradient clipping
-  config.optim.warmup_steps = 0  # linear warm-up steps, then constant
+  config.optim.warmup_steps = 100  # linear warm-up steps, then constant
 
   config.ema = ml_collections.ConfigDict()  # diffusers EMAModel defaults
   config.ema.decay = 0.9999  # cap of the (1 + s) / (10 + s) rule
@@ -81,7 +83,7 @@ def get_config(arg: str | None = None):
   config.mesh.fsdp_min_size = 2**14  # arrays smaller than this stay replicated
 
   config.sample = ml_collections.ConfigDict()  # PNG grids: input | truth | target | edit@5,5,5 | edit@own
-  config.sample.every = 100  # steps between grids (0: never); also at the end
+  config.sample.every = 500  # steps between grids (0: never); also at the end
   config.sample.count = 4  # examples in a grid (the split's first ones)
   config.sample.split = "test"  # where they come from (the training split if the data has no such split)
   config.sample.steps = 20  # Euler ancestral steps
@@ -97,7 +99,7 @@ def get_config(arg: str | None = None):
   config.eval.batch_size = 35  # edits per sampler call
 
   config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every = 100  # steps between saves (also saved at the end and on SIGTERM)
+  config.checkpoint.every = 500  # steps between saves (also saved at the end and on SIGTERM)
   config.checkpoint.keep = 3  # checkpoints kept
   config.checkpoint.async_save = True
 
@@ -110,6 +112,12 @@ def get_config(arg: str | None = None):
   if arg == "tiny":  # the tests' runs: 32 px, a random tiny model (8x VAE), no cache, no evaluation
     config.model.vae = ""
     config.model.scheduler = ml_collections.ConfigDict()  # SD 1.5's
+    config.num_steps = 300
+    config.log_every = 10
+    config.optim.lr = 3e-4
+    config.optim.warmup_steps = 0
+    config.sample.every = 100
+    config.checkpoint.every = 100
     config.model.unet = ml_collections.ConfigDict()
     config.data.builder_config = "32px"
     config.data.crop_size = 32

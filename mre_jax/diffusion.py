@@ -85,6 +85,22 @@ def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int = 1000
   return jax.random.randint(rng, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def velocity(schedule: Schedule, latents: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+  """The v-prediction target sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) latents (diffusers'
+  `get_velocity`), float32, same shape as `latents`."""
+  a = _per_example(schedule.alphas_cumprod[t], latents.ndim)
+  return jnp.sqrt(a) * noise.astype(jnp.float32) - jnp.sqrt(1.0 - a) * latents.astype(jnp.float32)
+
+
+def v_to_eps(v: jax.Array, x_t: jax.Array, alpha_bar: jax.Array) -> jax.Array:
+  """The noise a v-prediction implies: sqrt(a) v + sqrt(1 - a) x_t, for x_t the sample as the
+  model saw it (variance-preserving scale) and a = alpha_bar at its noise level."""
+  return jnp.sqrt(alpha_bar) * v + jnp.sqrt(1.0 - alpha_bar) * x_t
+
+
 def training_noise(rng: jax.Array, shape: tuple[int, ...], offset: float = 0.0, pyramid: float = 0.0) -> jax.Array:
   """The noise a training step adds to latents [B, h, w, C].
 

@@ -59,19 +59,20 @@ class SamplerSpec:
   spacing: str = "leading"
   steps_offset: int = 1
   set_alpha_to_one: bool = False  # DDIM's final alpha_bar (SD 1.5: False)
+  prediction_type: str = "epsilon"  # what the U-Net predicts: epsilon (SD 1.5) or v_prediction
 
   def __post_init__(self):
     if self.scheduler not in SCHEDULERS:
       raise ValueError(f"scheduler {self.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
     if not isinstance(self.num_steps, int) or self.num_steps < 1:
       raise ValueError(f"num_steps {self.num_steps!r}: expected an integer >= 1")
+    if self.prediction_type not in diffusion.PREDICTION_TYPES:
+      raise ValueError(f"scheduler config: prediction_type {self.prediction_type!r} is not supported (expected "
+                       f"one of {', '.join(diffusion.PREDICTION_TYPES)})")
 
 
 def spec_from_scheduler_config(config: dict, scheduler: str, num_steps: int) -> SamplerSpec:
   """A `SamplerSpec` from a diffusers `scheduler_config.json` dict (missing keys: SD 1.5)."""
-  if config.get("prediction_type", "epsilon") != "epsilon":
-    raise ValueError(f"scheduler config: prediction_type {config['prediction_type']!r} is not supported "
-                     "(only 'epsilon')")
   if config.get("trained_betas") is not None:
     raise ValueError("scheduler config: trained_betas is not supported")
   default = SamplerSpec()
@@ -83,7 +84,8 @@ def spec_from_scheduler_config(config: dict, scheduler: str, num_steps: int) -> 
       beta_schedule=str(config.get("beta_schedule", default.beta_schedule)),
       spacing=str(config.get("timestep_spacing", default.spacing)),
       steps_offset=int(config.get("steps_offset", default.steps_offset)),
-      set_alpha_to_one=bool(config.get("set_alpha_to_one", default.set_alpha_to_one)))
+      set_alpha_to_one=bool(config.get("set_alpha_to_one", default.set_alpha_to_one)),
+      prediction_type=str(config.get("prediction_type", default.prediction_type)))
 
 
 class Conditioning(NamedTuple):
@@ -153,6 +155,13 @@ def _step(spec, schedule, tables, i, eps, x, noise):
   return diffusion.euler_ancestral_step(eps, sigma, sigma_next, x, noise)
 
 
+def _alpha_bar(spec, schedule, tables, i):
+  """alpha_bar at step i's noise level (Euler: 1 / (sigma^2 + 1))."""
+  if spec.scheduler == "ddim":
+    return schedule.alphas_cumprod[tables.timesteps[i]]
+  return 1.0 / (tables.sigmas[i] ** 2 + 1.0)
+
+
 def _model_input(spec, tables, i, x):
   """The noisy latents as the U-Net sees them (Euler: scaled by 1/sqrt(sigma^2 + 1))."""
   return x if spec.scheduler == "ddim" else diffusion.scale_model_input(x, tables.sigmas[i])
@@ -207,6 +216,8 @@ def _sample(unet_params, vae_params, cond: Conditioning, guidance: jax.Array, in
     t = jnp.broadcast_to(tables.timesteps[i], (3 * batch,))
     reward = (scores, reward_embeds) if unet.reward else (None, None)
     eps = unet.apply({"params": unet_params}, sample, t, context, *reward).astype(jnp.float32)
+    if spec.prediction_type == "v_prediction":  # before guidance: the conversion is linear, x_in the same
+      eps = diffusion.v_to_eps(eps, x_in.astype(jnp.float32), _alpha_bar(spec, schedule, tables, i))
     eps = guide(eps, guidance[0], guidance[1])
     noise = _normal(cond.keys, i + 1, latent_shape) if spec.scheduler == "euler_ancestral" else None
     if progress:

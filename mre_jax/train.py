@@ -200,7 +200,8 @@ def _encode(frozen: Frozen, fparams, batch, rng):
 
 
 def loss_fn(params, batch, rng, *, unet, frozen: Frozen, fparams, schedule, config):
-  """MSE between predicted and true noise for one microbatch (SPEC section 3)."""
+  """MSE between the U-Net's output and its target for one microbatch (SPEC section 3): the noise, or
+  the velocity when the model's scheduler config says prediction_type v_prediction."""
   k_lat, k_noise, k_t, k_drop, k_dropout = jax.random.split(rng, 5)
   latents, cond, context, reward_embeds, empty = _encode(frozen, fparams, batch, k_lat)
   b = latents.shape[0]
@@ -213,7 +214,11 @@ def loss_fn(params, batch, rng, *, unet, frozen: Frozen, fparams, schedule, conf
   cond = jnp.where(((r >= p) & (r < 3 * p))[..., None], 0.0, cond)
   eps = unet.apply({"params": params}, jnp.concatenate([noisy, cond], -1), t, context, batch["scores"],
                    reward_embeds, train=True, rngs={"dropout": k_dropout})
-  return jnp.mean((eps.astype(jnp.float32) - noise) ** 2)
+  if frozen.scheduler_config.get("prediction_type", "epsilon") == "v_prediction":
+    target = diffusion.velocity(schedule, latents, noise, t)
+  else:
+    target = noise
+  return jnp.mean((eps.astype(jnp.float32) - target) ** 2)
 
 
 def train_step(state: TrainState, batch, fparams, rng, *, unet, frozen, tx, schedule, config):

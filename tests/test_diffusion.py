@@ -240,3 +240,46 @@ def test_pyramid_noise_has_unit_variance_and_the_expected_low_frequencies():
   np.testing.assert_allclose(noise.var(), 1.0, rtol=0.02)
   want = sum(d ** (2 * i) * 4 ** i / 256 for i in range(0, 5)) / norm
   np.testing.assert_allclose(noise.mean(axis=(1, 2)).var(), want, rtol=0.1)
+
+
+def test_velocity_matches_diffusers(schedule):
+  rng = np.random.default_rng(4)
+  latents = rng.standard_normal((5,) + SHAPE[1:]).astype(np.float32)
+  noise = rng.standard_normal(latents.shape).astype(np.float32)
+  t = np.array([0, 1, 500, 998, 999])
+  ref = schedulers.DDPMScheduler(**SD15, clip_sample=False).get_velocity(
+      torch.from_numpy(latents), torch.from_numpy(noise), torch.from_numpy(t))
+  assert_close(diffusion.velocity(schedule, jnp.asarray(latents), jnp.asarray(noise), jnp.asarray(t)), ref.numpy())
+
+
+@pytest.mark.parametrize("scheduler", ["euler_ancestral", "ddim"])
+def test_v_prediction_sampling_matches_diffusers(schedule, eps_table, start_noise, scheduler, monkeypatch):
+  """A v-predicting model through the sampler's conversion (v -> eps at the step's noise level)
+  and our steps follows diffusers' schedulers configured with prediction_type="v_prediction"."""
+  from mre_jax import sampling
+  spec = sampling.SamplerSpec(scheduler=scheduler, num_steps=NUM_STEPS, prediction_type="v_prediction")
+  tables = sampling._tables(spec, schedule)
+  if scheduler == "ddim":
+    ref = _torch_scheduler(schedulers.DDIMScheduler, "leading", clip_sample=False, set_alpha_to_one=False,
+                           prediction_type="v_prediction")
+  else:
+    ref = _torch_scheduler(schedulers.EulerAncestralDiscreteScheduler, "leading", prediction_type="v_prediction")
+    step_noise = iter(torch.from_numpy(n) for n in
+                      np.random.default_rng(3).standard_normal((NUM_STEPS,) + SHAPE).astype(np.float32))
+    monkeypatch.setattr(ea_module, "randn_tensor", lambda shape, **kw: next(step_noise))
+  draws = np.random.default_rng(3).standard_normal((NUM_STEPS,) + SHAPE).astype(np.float32)
+  x_ref = torch.from_numpy(start_noise) * ref.init_noise_sigma
+  x = jnp.asarray(start_noise) * tables.init_sigma
+  for i, t in enumerate(ref.timesteps):
+    v_ref = model_eps(torch.from_numpy(eps_table), i, ref.scale_model_input(x_ref, t))
+    x_ref = (ref.step(v_ref, int(t), x_ref, eta=0.0) if scheduler == "ddim" else ref.step(v_ref, t, x_ref)).prev_sample
+    x_in = sampling._model_input(spec, tables, i, x)
+    eps = diffusion.v_to_eps(model_eps(eps_table, i, x_in), x_in, sampling._alpha_bar(spec, schedule, tables, i))
+    x = sampling._step(spec, schedule, tables, i, eps, x, jnp.asarray(draws[i]))
+    assert_close(x, x_ref.numpy(), rel=1e-4)
+
+
+def test_unknown_prediction_type_is_named():
+  from mre_jax import sampling
+  with pytest.raises(ValueError, match="sample"):
+    sampling.spec_from_scheduler_config({"prediction_type": "sample"}, "euler", 10)
