@@ -13,11 +13,12 @@ def get_config(arg: str | None = None):
   config = ml_collections.ConfigDict()
   config.job = "study"
   config.seeds = (0, 1, 2)  # each seed trains both models (same data order, init and noise)
-  config.train = train_configs.get_config()  # the train job's config for both models (the default demo)
+  config.train = train_configs.get_config()  # the train job's config for both models: the default demo's,
+  config.train.num_steps = 1500  # for 1500 steps (6 models must fit in about 30 minutes on 2 cores)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.count = 140  # held-out test edits per model and seed (categories balanced)
-  config.eval.knob_count = 70  # test edits per knob setting
+  config.eval.knob_count = 28  # test edits per knob setting
   config.eval.knob_values = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)  # requested scores of the varied perspective
   config.eval.steps = 20  # Euler ancestral steps
   config.eval.text_guidance = 7.5

@@ -13,7 +13,7 @@ def get_config(arg: str | None = None):
   config.job = "train"
   config.seed = 0  # parameters, data order, noise: a run is a function of the seed
   config.stage = 2  # 1: InstructPix2Pix (no rewards); 2: MRE (reward conditioning)
-  config.num_steps = 1500  # optimiser steps
+  config.num_steps = 4000  # optimiser steps
   config.batch_size = 8  # global examples per optimiser step (all processes, all microbatches)
   config.grad_accum_steps = 1  # microbatches per optimiser step
   config.cond_dropout = 0.05  # p: instruction dropped when r < 2p, image when p <= r < 3p
