@@ -2,8 +2,10 @@
 
 python main.py --config=configs/vae.py --workdir=W
 
-Writes W/vae (diffusers AutoencoderKL format) and W/vae_eval.json (test PSNR). The weights the
-repo ships in mre_jax/assets/vae_synthetic_64px/ are this command's output with these defaults.
+Writes W/vae (diffusers AutoencoderKL format) and W/vae_eval.json (test PSNR) at every
+evaluation. The weights the repo ships in mre_jax/assets/vae_synthetic_64px/ are this command's
+W/vae after its step-4000 evaluation, with these defaults (that run stopped at step 4500; 30.06 dB
+clean PSNR then, about an hour on 2 CPU cores).
 """
 
 import ml_collections
