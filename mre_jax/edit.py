@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from mre_jax import checkpointing, export, models, ops, pretrained, sampling
 from mre_jax.errors import ConfigError, require
+from mre_jax.images import to_rgb  # the same RGB conversion as the training records
 from mre_jax.sizes import SIZE_MULTIPLE, check_size_rule, fit_image, output_size, working_size
 
 DEFAULT_SCORES = (5.0, 5.0, 5.0)  # following, preserving, quality: the best (SPEC section 4)
@@ -194,19 +195,7 @@ def prepare_image(image: Image.Image, resolution: int, size_rule: str = "release
   return np.asarray(fit_image(to_rgb(image), resolution, size_rule), np.float32) / 127.5 - 1.0
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-  """RGB view of any mode; transparency is composited over white (not left as black)."""
-  if image.mode == "RGB":
-    return image
-  if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-    rgba = image.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
-  if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit gray: rescale to 8 bits
-    array = np.asarray(image, np.float64)
-    top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-    return Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-  return image.convert("RGB")
+
 
 
 def to_image(array: np.ndarray, size: tuple[int, int]) -> Image.Image:

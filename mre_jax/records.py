@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image
 from PIL import ImageFile
 
+from mre_jax.images import to_rgb_array as _to_rgb  # the same conversion as editing
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # A truncated file is a bad record, never half an image.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 REASONS = ("missing_file", "bad_image", "unsafe_path", "bad_json", "empty_instruction",
@@ -79,20 +81,6 @@ def load_source_json(path, builder, what):
 
 # ---------------------------------------------------------------------------- images
 
-def _to_rgb(img):
-  """PIL image of any mode -> uint8 [H, W, 3] RGB (16-bit scaled, alpha/palette dropped)."""
-  if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-    arr = np.asarray(img, np.float64)
-    grey = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=-1)
-  if img.mode == "F":
-    arr = np.asarray(img, np.float64)
-    scale = 255.0 if arr.max() <= 1.0 else 1.0
-    grey = np.clip(np.round(arr * scale), 0, 255).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=-1)
-  if img.mode == "P":
-    img = img.convert("RGBA")
-  return np.asarray(img.convert("RGB"), np.uint8)
 
 
 def _decode(source, what):
