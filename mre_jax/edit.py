@@ -37,7 +37,7 @@ from tqdm import tqdm
 from mre_jax import checkpointing, export, models, ops, pretrained, sampling
 from mre_jax.errors import ConfigError, require
 from mre_jax.images import to_rgb  # the same RGB conversion as the training records
-from mre_jax.sizes import SIZE_MULTIPLE, check_size_rule, fit_image, output_size, working_size
+from mre_jax.sizes import SIZE_MULTIPLE, check_size_rule, fit_image, output_size, working_size  # noqa: F401 (edit.working_size)
 
 DEFAULT_SCORES = (5.0, 5.0, 5.0)  # following, preserving, quality: the best (SPEC section 4)
 DEFAULT_REWARD_TEXT = "None; None; None"
@@ -94,8 +94,7 @@ def load_editor(path: str | os.PathLike, *, step: int | None = None, use_ema: bo
   vae_config = pretrained.read_config(Path(frozen) / "vae")
   check_channels(spec.unet, int(vae_config.get("latent_channels", 4)), str(path))
   text_encoder, text_params = pretrained.load_text_encoder(frozen, kernels=kernels)
-  scheduler_file = Path(frozen) / "scheduler" / "scheduler_config.json"
-  scheduler_config = pretrained.read_config(scheduler_file) if scheduler_file.is_file() else export.SCHEDULER_CONFIG
+  scheduler_config = export.read_scheduler_config(frozen)
   unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=sampling.DTYPES[dtype], kernels=kernels)
   return Editor(unet, jax.device_put(params), vae, jax.device_put(vae_params),
                 float(vae_config.get("scaling_factor", 0.18215)),

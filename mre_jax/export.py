@@ -35,6 +35,14 @@ SCHEDULER_CONFIG = {
     "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1,
     "timestep_spacing": "leading", "trained_betas": None,
 }
+
+
+def read_scheduler_config(folder: str | os.PathLike) -> dict:
+  """`<folder>/scheduler/scheduler_config.json`, or SD 1.5's (`SCHEDULER_CONFIG`) if there is none."""
+  path = Path(folder) / "scheduler" / "scheduler_config.json"
+  return dict(pretrained.read_config(path)) if path.is_file() else dict(SCHEDULER_CONFIG)
+
+
 MODEL_INDEX = {
     "_class_name": "StableDiffusionInstructPix2PixPipeline", "_diffusers_version": DIFFUSERS_VERSION,
     "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,

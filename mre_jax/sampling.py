@@ -61,6 +61,10 @@ class SamplerSpec:
   set_alpha_to_one: bool = False  # DDIM's final alpha_bar (SD 1.5: False)
   prediction_type: str = "epsilon"  # what the U-Net predicts: epsilon (SD 1.5) or v_prediction
 
+  def make_schedule(self) -> diffusion.Schedule:
+    """The training-time noise schedule these settings describe."""
+    return diffusion.make_schedule(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)
+
   def __post_init__(self):
     if self.scheduler not in SCHEDULERS:
       raise ValueError(f"scheduler {self.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
@@ -194,7 +198,7 @@ def _sample(unet_params, vae_params, cond: Conditioning, guidance: jax.Array, in
             unet, vae, scaling_factor: float, spec: SamplerSpec, progress: bool):
   """Body of the jitted sampler (see `make_sample_fn`)."""
   TRACES[(spec.scheduler, spec.num_steps, tuple(cond.images.shape))] += 1
-  schedule = diffusion.make_schedule(spec.num_train_timesteps, spec.beta_start, spec.beta_end, spec.beta_schedule)
+  schedule = spec.make_schedule()
   tables = _tables(spec, schedule)
   batch = cond.images.shape[0]
 

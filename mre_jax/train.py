@@ -133,8 +133,7 @@ def initial_params(config, spec: checkpointing.ModelSpec) -> Any:
 def training_schedule(frozen: Frozen) -> diffusion.Schedule:
   """The noise schedule of the model's own scheduler config (frozen/scheduler/), as diffusers'
   training scripts read it: the sampler (edit, sample grids, evaluation) reads the same file."""
-  spec = sampling.spec_from_scheduler_config(frozen.scheduler_config, "euler_ancestral", 1)
-  return diffusion.make_schedule(spec.num_train_timesteps, spec.beta_start, spec.beta_end, spec.beta_schedule)
+  return sampling.spec_from_scheduler_config(frozen.scheduler_config, "euler_ancestral", 1).make_schedule()
 
 
 def load_frozen(workdir: Path, dtype, kernels: ops.Kernels = ops.Kernels()) -> tuple[Frozen, dict]:
@@ -143,9 +142,7 @@ def load_frozen(workdir: Path, dtype, kernels: ops.Kernels = ops.Kernels()) -> t
   vae, vae_params = pretrained.load_vae(folder, dtype, kernels)
   text_encoder, text_params = pretrained.load_text_encoder(folder, dtype, kernels)
   tokenizer = pretrained.load_tokenizer(folder)
-  scheduler_file = folder / "scheduler" / "scheduler_config.json"
-  scheduler_config = pretrained.read_config(scheduler_file) if scheduler_file.is_file() else export.SCHEDULER_CONFIG
-  frozen = Frozen(vae, text_encoder, tokenizer, float(vae.config.scaling_factor), dict(scheduler_config))
+  frozen = Frozen(vae, text_encoder, tokenizer, float(vae.config.scaling_factor), export.read_scheduler_config(folder))
   return frozen, {"vae": vae_params, "text": text_params, "empty_ids": pretrained.tokenize(tokenizer, [""])}
 
 

@@ -174,9 +174,9 @@ def train_vae(config, workdir: str | None) -> Path:
     raise ConfigError(f"config.image_size={config.image_size} but {config.data.name}:{config.data.builder_config} "
                       f"has {train_images.shape[1]} px images")
   if config.init:
-    vae, params = pretrained.load_vae(tiny.vae_folder(config.init))
-    vae_cfg = {k: v for k, v in pretrained.read_config(tiny.vae_folder(config.init) / "vae").items()
-               if k in vae_config(config)}
+    folder = tiny.vae_folder(config.init)
+    vae, params = pretrained.load_vae(folder)
+    vae_cfg = {k: v for k, v in pretrained.read_config(folder / "vae").items() if k in vae_config(config)}
     if vae_cfg["sample_size"] != config.image_size:
       raise ConfigError(f"config.init={config.init!r} was trained at {vae_cfg['sample_size']} px but "
                         f"config.image_size={config.image_size}")
