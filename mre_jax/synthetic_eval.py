@@ -18,10 +18,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import jax
 import numpy as np
 
-from mre_jax import checkpointing, edit, input_pipeline, pretrained, synthetic
+from mre_jax import checkpointing, edit, input_pipeline, synthetic, vae_train
 
 PERSPECTIVES = ("following", "preserving", "quality")
 BEST_SCORES = (5.0, 5.0, 5.0)
@@ -141,9 +140,8 @@ def category_markdown(summary: dict) -> str:
 def through_vae(editor: edit.Editor, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
   """uint8 images encoded (posterior mode) and decoded by the editor's VAE: what a perfect
   latent editor would output, the ceiling of any model that uses this VAE."""
-  fn = jax.jit(lambda params, x: pretrained.vae_decode(editor.vae, params, pretrained.vae_encode(editor.vae, params,
-                                                                                                   x)[0]))
-  out = [np.asarray(fn(editor.vae_params, images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0))
+  recon = vae_train.reconstruct_fn(editor.vae)
+  out = [np.asarray(recon(editor.vae_params, images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0)[0])
          for i in range(0, len(images), batch_size)]
   return np.clip(np.round((np.concatenate(out) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
