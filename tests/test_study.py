@@ -75,3 +75,35 @@ def test_bootstrap_two_way_interval_covers_seed_spread():
   assert narrow["ci"][1] - narrow["ci"][0] < 0.1
   assert wide["ci"][1] - wide["ci"][0] > 1.0  # resampling the runs shows their spread
   assert wide["mean"] == pytest.approx(one_seed.mean())
+
+
+def test_train_jobs_final_evaluation_judges_the_model_and_its_references(quick_study, tmp_path):
+  """`synthetic_eval.evaluate_run` (the train job's last step) on the quick study's reward model:
+  the references score what the judge gives them by construction (input 0 / 5 / 5, truth 5 / 5 / 5),
+  "truth through the VAE" is the judge of the truths encoded and decoded here with the VAE's own
+  functions, and a rerun returns the stored report."""
+  import shutil
+  from configs import train as train_config
+  from mre_jax import edit, input_pipeline, pretrained
+  out, _ = quick_study
+  run = tmp_path / "run"
+  shutil.copytree(out / "reward_seed0", run)
+  config = train_config.get_config("tiny")
+  config.eval.count, config.eval.steps, config.eval.batch_size = 7, 2, 7
+  builder = input_pipeline.build_dataset("synthetic_edit", str(out / "tfds"), config="tiny")
+  report = synthetic_eval.evaluate_run(config, run, builder, step=6)
+  s = report["summaries"]
+  assert [s["input"]["overall"][p]["mean"] for p in synthetic_eval.PERSPECTIVES] == [0.0, 5.0, 5.0]
+  assert [s["truth"]["overall"][p]["mean"] for p in synthetic_eval.PERSPECTIVES] == [5.0, 5.0, 5.0]
+  test = synthetic_eval.load_test_set(builder, "test", 7)
+  editor = edit.load_editor(run)
+  mean, _ = pretrained.vae_encode(editor.vae, editor.vae_params, test.truths.astype(np.float32) / 127.5 - 1.0)
+  decoded = np.asarray(pretrained.vae_decode(editor.vae, editor.vae_params, mean))
+  decoded = np.clip(np.round((decoded + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  want = synthetic_eval.judge_set(test, decoded).mean(axis=0)
+  got = [s["truth through the VAE"]["overall"][p]["mean"] for p in synthetic_eval.PERSPECTIVES]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert s["model at 5,5,5"]["overall"]["following"]["n"] == 7
+  stamp = (run / "eval.json").stat().st_mtime_ns
+  assert synthetic_eval.evaluate_run(config, run, builder, step=6) == report
+  assert (run / "eval.json").stat().st_mtime_ns == stamp
