@@ -52,7 +52,8 @@ class Schedule(NamedTuple):
 
 
 def make_schedule(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
-                  beta_end: float = 0.012, beta_schedule: str = "scaled_linear") -> Schedule:
+                  beta_end: float = 0.012, beta_schedule: str = "scaled_linear",
+                  rescale_betas_zero_snr: bool = False) -> Schedule:
   """Builds the DDPM schedule (SD 1.5 defaults).
 
   Follows diffusers' float32 arithmetic, which matters at small t where 1 - alpha_bar_t
@@ -64,6 +65,13 @@ def make_schedule(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
     num_train_timesteps: T.
     beta_start, beta_end: first and last beta.
     beta_schedule: "scaled_linear" (linear in sqrt(beta), SD) or "linear".
+    rescale_betas_zero_snr: rescale the betas so that alpha_bar_{T-1} = 0 (Lin et al. 2023,
+      "Common diffusion noise schedules and sample steps are flawed", diffusers' option of that
+      name). SD's last alpha_bar is 0.0047: training images keep sqrt(0.0047) = 7% of their
+      signal at the last step, so a model learns to take global colour from x_t there, and at
+      sampling, where x_T is pure noise, it takes it from the noise. Needs v-prediction. The
+      last sigma is then computed from alpha_bar = 2^-24 (diffusers' Euler schedulers' choice)
+      instead of infinity.
   Returns:
     `Schedule` of float32 [T] arrays.
   """
@@ -74,10 +82,26 @@ def make_schedule(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
   else:
     raise ValueError(f"unsupported beta_schedule {beta_schedule!r}")
   betas = betas.astype(np.float32)
+  if rescale_betas_zero_snr:
+    betas = _rescale_zero_terminal_snr(betas)
   alphas = np.float32(1.0) - betas
   alphas_cumprod = np.cumprod(alphas.astype(np.float64)).astype(np.float32)
-  sigmas = np.sqrt((np.float32(1.0) - alphas_cumprod) / alphas_cumprod)
+  sigma_alphas_cumprod = alphas_cumprod.copy()
+  if rescale_betas_zero_snr:
+    sigma_alphas_cumprod[-1] = np.float32(2.0 ** -24)
+  sigmas = np.sqrt((np.float32(1.0) - sigma_alphas_cumprod) / sigma_alphas_cumprod)
   return Schedule(*(jnp.asarray(a, jnp.float32) for a in (betas, alphas, alphas_cumprod, sigmas)))
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """float32 [T] betas whose sqrt(alpha_bar) is shifted to end at 0 and scaled to keep its start
+  (Lin et al. 2023, algorithm 1); the last beta becomes 1."""
+  sqrt_ab = np.sqrt(np.cumprod((np.float32(1.0) - betas).astype(np.float64)).astype(np.float32))
+  first, last = sqrt_ab[0], sqrt_ab[-1]
+  sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+  ab = sqrt_ab ** 2
+  alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+  return (np.float32(1.0) - alphas).astype(np.float32)
 
 
 def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int = 1000) -> jax.Array:

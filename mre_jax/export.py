@@ -33,7 +33,7 @@ DIFFUSERS_VERSION = "0.39.0"
 SCHEDULER_CONFIG = {
     "_class_name": "EulerAncestralDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
     "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1,
-    "timestep_spacing": "leading", "trained_betas": None,
+    "timestep_spacing": "leading", "trained_betas": None, "rescale_betas_zero_snr": False,
 }
 
 

@@ -60,10 +60,12 @@ class SamplerSpec:
   steps_offset: int = 1
   set_alpha_to_one: bool = False  # DDIM's final alpha_bar (SD 1.5: False)
   prediction_type: str = "epsilon"  # what the U-Net predicts: epsilon (SD 1.5) or v_prediction
+  rescale_betas_zero_snr: bool = False  # zero terminal SNR (diffusion.make_schedule)
 
   def make_schedule(self) -> diffusion.Schedule:
     """The training-time noise schedule these settings describe."""
-    return diffusion.make_schedule(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)
+    return diffusion.make_schedule(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule,
+                                   self.rescale_betas_zero_snr)
 
   def __post_init__(self):
     if self.scheduler not in SCHEDULERS:
@@ -73,6 +75,11 @@ class SamplerSpec:
     if self.prediction_type not in diffusion.PREDICTION_TYPES:
       raise ValueError(f"scheduler config: prediction_type {self.prediction_type!r} is not supported (expected "
                        f"one of {', '.join(diffusion.PREDICTION_TYPES)})")
+    if self.rescale_betas_zero_snr and self.scheduler == "ddim":
+      # Our DDIM step works from eps, and x0 = (x - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) has
+      # no value where alpha_bar = 0.
+      raise ValueError("scheduler ddim: not supported with rescale_betas_zero_snr (alpha_bar reaches 0); "
+                       "use euler_ancestral or euler")
 
 
 def spec_from_scheduler_config(config: dict, scheduler: str, num_steps: int) -> SamplerSpec:
@@ -89,7 +96,8 @@ def spec_from_scheduler_config(config: dict, scheduler: str, num_steps: int) -> 
       spacing=str(config.get("timestep_spacing", default.spacing)),
       steps_offset=int(config.get("steps_offset", default.steps_offset)),
       set_alpha_to_one=bool(config.get("set_alpha_to_one", default.set_alpha_to_one)),
-      prediction_type=str(config.get("prediction_type", default.prediction_type)))
+      prediction_type=str(config.get("prediction_type", default.prediction_type)),
+      rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr", default.rescale_betas_zero_snr)))
 
 
 class Conditioning(NamedTuple):

@@ -283,3 +283,58 @@ def test_unknown_prediction_type_is_named():
   from mre_jax import sampling
   with pytest.raises(ValueError, match="sample"):
     sampling.spec_from_scheduler_config({"prediction_type": "sample"}, "euler", 10)
+
+
+ZERO_SNR = dict(SD15, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+
+def test_zero_terminal_snr_schedule_matches_diffusers():
+  ours = diffusion.make_schedule(rescale_betas_zero_snr=True)
+  ref = schedulers.DDPMScheduler(**ZERO_SNR, clip_sample=False)
+  assert_close(ours.betas, ref.betas.numpy())
+  assert_close(ours.alphas_cumprod, ref.alphas_cumprod.numpy())
+  assert float(ours.alphas_cumprod[-1]) == 0.0 and float(ours.alphas_cumprod[0]) == pytest.approx(1 - 0.00085)
+  rng = np.random.default_rng(5)
+  latents = rng.standard_normal((3,) + SHAPE[1:]).astype(np.float32)
+  noise = rng.standard_normal(latents.shape).astype(np.float32)
+  t = np.array([0, 500, 999])
+  args = [torch.from_numpy(a) for a in (latents, noise, t)]
+  assert_close(diffusion.velocity(ours, *map(jnp.asarray, (latents, noise, t))), ref.get_velocity(*args).numpy())
+  assert_close(diffusion.add_noise(ours, *map(jnp.asarray, (latents, noise, t))), ref.add_noise(*args).numpy())
+  # At the last step the training input holds no trace of the image, and v is -x0.
+  np.testing.assert_array_equal(diffusion.add_noise(ours, jnp.asarray(latents), jnp.asarray(noise), jnp.asarray(t))[2],
+                                noise[2])
+
+
+def test_zero_terminal_snr_v_prediction_sampling_matches_diffusers(eps_table, start_noise, monkeypatch):
+  """Euler ancestral, trailing spacing, zero terminal SNR, v-prediction: the configuration of
+  Lin et al. 2023, through the sampler's tables, conversion and step."""
+  from mre_jax import sampling
+  spec = sampling.spec_from_scheduler_config({**ZERO_SNR, "prediction_type": "v_prediction"}, "euler_ancestral",
+                                             NUM_STEPS)
+  schedule = spec.make_schedule()
+  tables = sampling._tables(spec, schedule)
+  ref = schedulers.EulerAncestralDiscreteScheduler(**ZERO_SNR, prediction_type="v_prediction")
+  ref.set_timesteps(NUM_STEPS)
+  np.testing.assert_array_equal(tables.timesteps, ref.timesteps.numpy())
+  assert float(tables.timesteps[0]) == 999.0
+  np.testing.assert_allclose(tables.sigmas, ref.sigmas.numpy(), rtol=REL)
+  np.testing.assert_allclose(tables.init_sigma, float(ref.init_noise_sigma), rtol=REL)
+  draws = np.random.default_rng(3).standard_normal((NUM_STEPS,) + SHAPE).astype(np.float32)
+  step_noise = iter(torch.from_numpy(n) for n in draws)
+  monkeypatch.setattr(ea_module, "randn_tensor", lambda shape, **kw: next(step_noise))
+  x_ref = torch.from_numpy(start_noise) * ref.init_noise_sigma
+  x = jnp.asarray(start_noise) * tables.init_sigma
+  for i, t in enumerate(ref.timesteps):
+    v_ref = model_eps(torch.from_numpy(eps_table), i, ref.scale_model_input(x_ref, t))
+    x_ref = ref.step(v_ref, t, x_ref).prev_sample
+    x_in = sampling._model_input(spec, tables, i, x)
+    eps = diffusion.v_to_eps(model_eps(eps_table, i, x_in), x_in, sampling._alpha_bar(spec, schedule, tables, i))
+    x = sampling._step(spec, schedule, tables, i, eps, x, jnp.asarray(draws[i]))
+    assert_close(x, x_ref.numpy(), rel=1e-4)
+
+
+def test_ddim_with_zero_terminal_snr_is_refused_by_name():
+  from mre_jax import sampling
+  with pytest.raises(ValueError, match="ddim.*rescale_betas_zero_snr"):
+    sampling.spec_from_scheduler_config(ZERO_SNR, "ddim", 10)
