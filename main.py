@@ -13,16 +13,16 @@ from mre_jax.errors import ConfigError
 
 # job name -> "module:function"; each function takes (config, workdir).
 JOBS = {
-    "train": "mre_jax.train:train_and_evaluate",
-    "precompute": "mre_jax.train:precompute_latents",
-    "convert": "mre_jax.export:convert",
-    "export": "mre_jax.export:export",
-    "evaluate": "mre_jax.evaluators:evaluate",
-    "annotate": "mre_jax.annotate:annotate",
-    "edit": "mre_jax.edit:edit",
-    "vae": "mre_jax.vae_train:train_vae",
-    "study": "mre_jax.study:run_study",
-    "serve": "mre_jax.serve:serve",
+    "train": "mre_jax.train.loop:train_and_evaluate",
+    "precompute": "mre_jax.train.precompute:precompute_latents",
+    "convert": "mre_jax.io.export:convert",
+    "export": "mre_jax.io.export:export",
+    "evaluate": "mre_jax.eval.evaluators:evaluate",
+    "annotate": "mre_jax.eval.annotate:annotate",
+    "edit": "mre_jax.infer.edit:edit",
+    "vae": "mre_jax.train.vae_train:train_vae",
+    "study": "mre_jax.eval.study:run_study",
+    "serve": "mre_jax.app.serve:serve",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:variant]).",

@@ -16,12 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app
-from absl import flags
 import numpy as np
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mre_jax import edit, models, sampling, tiny  # pylint: disable=g-import-not-at-top
+from mre_jax import (
+  models,  # pylint: disable=g-import-not-at-top
+  testing,
+)
+from mre_jax.infer import edit, sampling
+from mre_jax.models import tiny
 
 _SIZE = flags.DEFINE_integer("size", 256, "Image side in pixels (a multiple of 64).")
 _STEPS = flags.DEFINE_integer("steps", 30, "Denoising steps.")
@@ -80,7 +84,8 @@ def _torch(folder, batch, size, steps, reps):
   """Seconds per call, after a one-step warm-up call at the same batch size."""
   import torch
   from diffusers import StableDiffusionInstructPix2PixPipeline
-  from mre_jax import torch_twin
+
+  from mre_jax.io import torch_twin
   twin = torch_twin.MRERewardUNet.from_pretrained(Path(folder) / "unet").eval()
   editor = edit.load_editor(folder)
   _, pooled = edit.encode_texts(editor, [edit.DEFAULT_REWARD_TEXT])
@@ -107,7 +112,7 @@ def main(argv):
   speedup = None
   with tempfile.TemporaryDirectory() as tmp:
     for name in _MODELS.value:
-      folder = tiny.write_tiny_model_folder(Path(tmp) / name, unet=UNETS[name])
+      folder = testing.write_tiny_model_folder(Path(tmp) / name, unet=UNETS[name])
       for batch in map(int, _BATCHES.value):
         jax_s, compile_s = _jax(folder, batch, size, steps, reps)
         torch_s = _torch(folder, batch, size, steps, reps)

@@ -12,12 +12,11 @@ import sys
 import tempfile
 import time
 
-from absl import app
-from absl import flags
 import numpy as np
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mre_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+from mre_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
 _SOURCE = flags.DEFINE_enum("source", "synthetic", ["synthetic", "memory"], "What to read.")
 _DATA_DIR = flags.DEFINE_string("data_dir", os.path.join(tempfile.gettempdir(), "mre_tfds"),

@@ -6,10 +6,10 @@
 Models: the InstructPix2Pix SD 1.5 reward U-Net (860M parameters + reward modules), the SD 1.5
 VAE and the CLIP ViT-L/14 text encoder, at their real sizes with random weights (PyTorch-style
 init, `weights.init_like_torch`): speed does not depend on the values, and no weights are
-downloaded. `--tiny` swaps in the tiny models of `mre_jax.tiny`.
+downloaded. `--tiny` swaps in the tiny models of `mre_jax.models.tiny`.
 
 Runs (each in its own child process, so one that fails or runs out of memory costs only itself):
-- `train:B:remat|noremat:ATTN`: `train.train_step` exactly as the train job jits it, on a
+- `train:B:remat|noremat:ATTN`: `trainer.train_step` exactly as the train job jits it, on a
   latent-cache batch (precomputed VAE latents and CLIP outputs, `config.data.latent_cache`):
   256 px (32x32 latents), batch B, bfloat16 compute, float32 params / AdamW state / EMA,
   conditioning dropout, state donated. Before running, the compiled program's memory estimate
@@ -82,7 +82,8 @@ def _parse_args(argv=None):
 
 def _configs(tiny_models: bool):
   """(U-Net config, VAE config, text encoder config): SD 1.5 InstructPix2Pix, or the tiny ones."""
-  from mre_jax import models, tiny
+  from mre_jax import models
+  from mre_jax.models import tiny
   unet_cfg = tiny.UNET if tiny_models else models.UNetConfig()  # the defaults are SD 1.5 InstructPix2Pix
   vae_cfg = tiny.VAE if tiny_models else SD15_VAE
   text_cfg = tiny.text_config(49408) if tiny_models else CLIP_L
@@ -91,7 +92,9 @@ def _configs(tiny_models: bool):
 
 def _tokenizer(tmp):
   from pathlib import Path
-  from mre_jax import pretrained, tiny
+
+  from mre_jax.io import pretrained
+  from mre_jax.models import tiny
   tiny.write_tokenizer(Path(tmp) / "tokenizer")
   return pretrained.load_tokenizer(tmp)
 
@@ -111,6 +114,7 @@ def unet_forward_flops(unet, params, batch: int, latent: int) -> float:
   lowered program), with XLA attention, so that no FLOPs hide in a cuDNN custom call.
   """
   import dataclasses
+
   import jax
   import jax.numpy as jnp
   d = unet.config.cross_attention_dim
@@ -130,6 +134,7 @@ def unet_forward_flops(unet, params, batch: int, latent: int) -> float:
 def _resolved(attention: str, unet_cfg, latent: int) -> str:
   """The kernel the first level's self-attention layer runs (bfloat16, latent x latent tokens)."""
   import jax.numpy as jnp
+
   from mre_jax.ops import attention as attention_ops
   width, heads = unet_cfg.block_out_channels[0], unet_cfg.attention_head_dim
   heads = heads[0] if isinstance(heads, (list, tuple)) else heads
@@ -175,11 +180,16 @@ def _largest_batch(result: dict) -> int | None:
 
 def run_train(batch: int, remat: bool, attention: str, args) -> dict:
   import functools
+
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from configs import train as train_config
-  from mre_jax import diffusion, models, ops, pretrained, train, weights
+  from mre_jax import models, ops
+  from mre_jax.infer import diffusion
+  from mre_jax.io import pretrained, weights
+  from mre_jax.train import trainer
   size = (args.train_size or (64 if args.tiny else 256)) // 8
   unet_cfg, _, text_cfg = _configs(args.tiny)
   config = train_config.get_config("sd15")
@@ -188,14 +198,14 @@ def run_train(batch: int, remat: bool, attention: str, args) -> dict:
   kernels = ops.Kernels.from_config(config.model, "config.model")
   unet = models.RewardUNet(unet_cfg, reward=True, dtype=jnp.bfloat16, remat=remat, kernels=kernels)
   text = pretrained.make_text_encoder(text_cfg, jnp.bfloat16, kernels)
-  frozen = train.Frozen(vae=None, text_encoder=text, tokenizer=None, scaling_factor=0.18215)
+  frozen = trainer.Frozen(vae=None, text_encoder=text, tokenizer=None, scaling_factor=0.18215)
   t0 = time.perf_counter()
   host = models.init_unet_params(unet, 0)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(host))
-  tx = train.make_optimizer(config.optim)
+  tx = trainer.make_optimizer(config.optim)
   params, ema = jax.device_put(host), jax.device_put(host)
   del host
-  state = train.TrainState(jnp.zeros((), jnp.int32), params, ema, jax.jit(tx.init)(params))
+  state = trainer.TrainState(jnp.zeros((), jnp.int32), params, ema, jax.jit(tx.init)(params))
   fparams = {"vae": {}, "text": jax.device_put(weights.init_like_torch(pretrained.text_encoder_param_shapes(text), 1)),
              "empty_ids": np.zeros((1, 77), np.int32)}
   init_s = time.perf_counter() - t0
@@ -210,7 +220,7 @@ def run_train(batch: int, remat: bool, attention: str, args) -> dict:
 
   fwd_flops = unet_forward_flops(unet, params, batch, size)
 
-  step_fn = jax.jit(functools.partial(train.train_step, unet=unet, frozen=frozen, tx=tx,
+  step_fn = jax.jit(functools.partial(trainer.train_step, unet=unet, frozen=frozen, tx=tx,
                                       schedule=diffusion.make_schedule(), config=config), donate_argnums=0)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch_data, fparams, rng).compile()
@@ -242,10 +252,14 @@ def run_train(batch: int, remat: bool, attention: str, args) -> dict:
 
 def run_edit(batch: int, attention: str, args) -> dict:
   import tempfile
+
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from mre_jax import edit, export, models, ops, pretrained, weights
+
+  from mre_jax import models, ops
+  from mre_jax.infer import edit
+  from mre_jax.io import export, pretrained, weights
   size = args.size or (64 if args.tiny else 512)
   unet_cfg, vae_cfg, text_cfg = _configs(args.tiny)
   kernels = ops.Kernels(attention=attention)
@@ -300,6 +314,7 @@ def child(spec: str, args) -> dict:
 def report(path: str, tiny_models: bool) -> None:
   """Markdown tables of a results file; MFU missing from a run is filled in from this machine's count."""
   import jax.numpy as jnp
+
   from mre_jax import models
   results = [json.loads(line) for line in open(path) if line.strip()]
   unet = models.RewardUNet(_configs(tiny_models)[0], reward=True, dtype=jnp.bfloat16)

@@ -10,7 +10,7 @@ the predicted noise against the true noise; backward; global-norm clipping to 1.
 betas (0.9, 0.999), eps 1e-8, weight decay 1e-2); float32 throughout, train mode (the MRC block's
 dropout on) in both frameworks.
 
-- JAX: `models.RewardUNet`, `value_and_grad`, the optimiser of `train.make_optimizer`
+- JAX: `models.RewardUNet`, `value_and_grad`, the optimiser of `trainer.make_optimizer`
   (optax clip_by_global_norm + adamw), one `jax.jit` program with the state (params, optimiser
   state) donated. Compile time is printed separately (ahead-of-time `lower().compile()`); the
   matmul precision is JAX's default (float32 on CPU), nothing lower.
@@ -103,7 +103,10 @@ import ml_collections  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
 
-from mre_jax import export, models, tiny, torch_twin, train  # noqa: E402
+from mre_jax import models  # noqa: E402
+from mre_jax.io import export, torch_twin
+from mre_jax.models import tiny
+from mre_jax.train import trainer
 
 CONFIGS = {
     "tiny": tiny.UNET,
@@ -162,7 +165,7 @@ def _jax_step(state, x, rng, *, unet, tx):
 def bench_jax(cfg, host_params, x, args):
   """(s/step, compile s, steps timed, loss of the forward check, last training loss)."""
   unet = models.RewardUNet(cfg, reward=True)
-  tx = train.make_optimizer(ml_collections.ConfigDict(OPTIM))
+  tx = trainer.make_optimizer(ml_collections.ConfigDict(OPTIM))
   params = jax.device_put(host_params)
   state = (params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32))
   x = jax.device_put(x)

@@ -10,7 +10,7 @@ $OPENAI_API_KEY (config.judge.api_key_env); it is never saved.
 
 import ml_collections
 
-from mre_jax import judge
+from mre_jax.eval import judge
 
 
 def get_config():

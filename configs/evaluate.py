@@ -4,13 +4,13 @@ python main.py --config=configs/evaluate.py --config.checkpoint=DIR \
     --config.real_edit_dir=DIR --workdir=OUT [--config.compare=OTHER_RUN]
 
 The API key comes from $OPENAI_API_KEY (config.judge.api_key_env); it is never saved.
-Offline (no API), on a synthetic Real-Edit folder (mre_jax.evaluators.write_synthetic_real_edit):
+Offline (no API), on a synthetic Real-Edit folder (mre_jax.testing.write_synthetic_real_edit):
   --config.judge.backend=synthetic --config.judge.truth=DIR/truth/index.json
 """
 
 import ml_collections
 
-from mre_jax import judge
+from mre_jax.eval import judge
 
 
 def get_config():
@@ -20,7 +20,7 @@ def get_config():
   config.json_name = ""  # the JSON's file name in real_edit_dir; "" -> its only *.json
   config.checkpoint = ""  # project checkpoint folder the edits are made with
   # "module:function" returning edit_fn(images, instructions) -> images; gets this whole config.
-  config.edit_factory = "mre_jax.edit:make_edit_fn"
+  config.edit_factory = "mre_jax.infer.edit:make_edit_fn"
   config.batch_size = 7  # (photo, instruction) pairs per edit_fn call; a call never mixes photos
   config.limit = 0  # only the first N pairs (sorted by photo, then index); 0: all
   # Printed side by side with this run: another run's workdir (or table.json), or a protocol

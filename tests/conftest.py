@@ -14,8 +14,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import numpy as np
 import pytest
 
-from mre_jax import sampling, tiny
-
+from mre_jax import testing
+from mre_jax.infer import sampling
 
 # ----------------------------------------------------------------------------- no quiet skips in CI
 # Parity tests skip where torch or a C++ compiler is missing. Under CI=true (.ci/run installs
@@ -44,7 +44,7 @@ def pytest_make_collect_report(collector):
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
   """A random diffusers-format InstructPix2Pix folder with the reward modules (tiny widths)."""
-  return tiny.write_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+  return testing.write_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def run_on_8_devices():
 @pytest.fixture(scope="session")
 def tfds_tiny(tmp_path_factory):
   """The synthetic_edit builder's `tiny` config (32 px, 64 train / 16 test), built once."""
-  from mre_jax import input_pipeline
+  from mre_jax.data import input_pipeline
   path = tmp_path_factory.mktemp("tfds_tiny")
   input_pipeline.build_dataset("synthetic_edit", str(path), config="tiny")
   return str(path)

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mre_jax import models, pretrained, tiny
+from mre_jax import models
+from mre_jax.io import pretrained
+from mre_jax.models import tiny
 
 SD_WIDTH = models.UNetConfig(
     block_out_channels=(320, 640), layers_per_block=1, attention_head_dim=8, cross_attention_dim=768,

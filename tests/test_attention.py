@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mre_jax import models, ops, pretrained, tiny
+from mre_jax import models, ops
+from mre_jax.io import pretrained
+from mre_jax.models import tiny
 from mre_jax.ops import attention
 
 torch = pytest.importorskip("torch")

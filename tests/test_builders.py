@@ -3,13 +3,12 @@ import json
 import os
 import sys
 
+import data_fixtures as fx
 import numpy as np
 import pytest
 
-from mre_jax import input_pipeline as ip
-from mre_jax import records
-
-import data_fixtures as fx
+from mre_jax.data import input_pipeline as ip
+from mre_jax.data import records
 
 MIN_SIDE = 64
 

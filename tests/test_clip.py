@@ -4,12 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mre_jax import pretrained, tiny
+from mre_jax.io import pretrained
+from mre_jax.models import tiny
 
 torch = pytest.importorskip("torch")
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
-
 import parity  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 VOCAB = 1000
 # tiny: end-of-text found by its id (transformers' current convention), which here is not the

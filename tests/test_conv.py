@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mre_jax import models, ops, pretrained, tiny
-from mre_jax.models import layers
+from mre_jax import models, ops
+from mre_jax.io import pretrained
+from mre_jax.models import layers, tiny
 from mre_jax.ops import conv
 
 torch = pytest.importorskip("torch")

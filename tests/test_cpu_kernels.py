@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mre_jax import models, ops, tiny
-from mre_jax.models import layers
+from mre_jax import models, ops
+from mre_jax.models import layers, tiny
 from mre_jax.ops import attention, cpu_kernels, norm
 
 torch = pytest.importorskip("torch")

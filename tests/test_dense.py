@@ -6,8 +6,9 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
-from mre_jax import models, pretrained, tiny
-from mre_jax.models import layers
+from mre_jax import models
+from mre_jax.io import pretrained
+from mre_jax.models import layers, tiny
 from mre_jax.ops import dense
 
 

@@ -1,4 +1,4 @@
-"""mre_jax.diffusion against diffusers' PyTorch schedulers with SD 1.5's scheduler_config."""
+"""mre_jax.infer.diffusion against diffusers' PyTorch schedulers with SD 1.5's scheduler_config."""
 
 import numpy as np
 import pytest
@@ -7,10 +7,9 @@ torch = pytest.importorskip("torch")
 schedulers = pytest.importorskip("diffusers.schedulers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
 from diffusers.schedulers import scheduling_euler_ancestral_discrete as ea_module  # noqa: E402
 
-from mre_jax import diffusion  # noqa: E402
+from mre_jax.infer import diffusion  # noqa: E402
 
 # SD 1.5 scheduler_config.json (runwayml/stable-diffusion-v1-5, scheduler/).
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -256,7 +255,7 @@ def test_velocity_matches_diffusers(schedule):
 def test_v_prediction_sampling_matches_diffusers(schedule, eps_table, start_noise, scheduler, monkeypatch):
   """A v-predicting model through the sampler's conversion (v -> eps at the step's noise level)
   and our steps follows diffusers' schedulers configured with prediction_type="v_prediction"."""
-  from mre_jax import sampling
+  from mre_jax.infer import sampling
   spec = sampling.SamplerSpec(scheduler=scheduler, num_steps=NUM_STEPS, prediction_type="v_prediction")
   tables = sampling._tables(spec, schedule)
   if scheduler == "ddim":
@@ -280,7 +279,7 @@ def test_v_prediction_sampling_matches_diffusers(schedule, eps_table, start_nois
 
 
 def test_unknown_prediction_type_is_named():
-  from mre_jax import sampling
+  from mre_jax.infer import sampling
   with pytest.raises(ValueError, match="sample"):
     sampling.spec_from_scheduler_config({"prediction_type": "sample"}, "euler", 10)
 
@@ -309,7 +308,7 @@ def test_zero_terminal_snr_schedule_matches_diffusers():
 def test_zero_terminal_snr_v_prediction_sampling_matches_diffusers(eps_table, start_noise, monkeypatch):
   """Euler ancestral, trailing spacing, zero terminal SNR, v-prediction: the configuration of
   Lin et al. 2023, through the sampler's tables, conversion and step."""
-  from mre_jax import sampling
+  from mre_jax.infer import sampling
   spec = sampling.spec_from_scheduler_config({**ZERO_SNR, "prediction_type": "v_prediction"}, "euler_ancestral",
                                              NUM_STEPS)
   schedule = spec.make_schedule()
@@ -335,6 +334,6 @@ def test_zero_terminal_snr_v_prediction_sampling_matches_diffusers(eps_table, st
 
 
 def test_ddim_with_zero_terminal_snr_is_refused_by_name():
-  from mre_jax import sampling
+  from mre_jax.infer import sampling
   with pytest.raises(ValueError, match="ddim.*rescale_betas_zero_snr"):
     sampling.spec_from_scheduler_config(ZERO_SNR, "ddim", 10)

@@ -15,8 +15,10 @@ from PIL import Image
 from configs import convert as convert_config
 from configs import edit as edit_config
 from configs import evaluate as evaluate_config
-from mre_jax import edit, export, ops, sampling
+from mre_jax import ops
 from mre_jax.errors import ConfigError
+from mre_jax.infer import edit, sampling
+from mre_jax.io import export
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2

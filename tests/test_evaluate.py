@@ -17,19 +17,17 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-
-from mre_jax import annotate
-from mre_jax import evaluators
-from mre_jax import judge
-from mre_jax import records
-from mre_jax.errors import ConfigError
 from test_judge import KEY, FakeOpenAI, Reply, images_of, instruction_of, is_reask, perspective_of
 
 from configs import annotate as annotate_config
 from configs import evaluate as evaluate_config
+from mre_jax import testing
+from mre_jax.data import records
+from mre_jax.errors import ConfigError
+from mre_jax.eval import annotate, evaluators, judge
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CATS = evaluators.CATEGORIES
+CATS = records.CATEGORIES
 FAKE_EDIT = '''
 """A stand-in editing model: a blurred copy stamped with a colour from the instruction."""
 import os
@@ -217,7 +215,7 @@ def test_killed_run_resumes_without_losing_or_repaying(tmp_path, fake_edit):
 
 
 def test_synthetic_backend_end_to_end(tmp_path):
-  info = evaluators.write_synthetic_real_edit(str(tmp_path / "re"), 2, size=32)
+  info = testing.write_synthetic_real_edit(str(tmp_path / "re"), 2, size=32)
   listing = json.loads(open(info["json"]).read())
   listing["photo_000.png"].append("Not a well-formed instruction")
   listing["ghost.png"] = ["Local. Missing photo: make it red"]
@@ -252,7 +250,7 @@ def test_edit_factory_errors_are_clear(tmp_path):
   config = eval_config(root, "http://127.0.0.1:9/v1", factory="mre_jax.no_such_module:make_edit_fn")
   with pytest.raises(ConfigError, match="config.edit_factory.*no_such_module"):
     evaluators.run_real_edit(config, str(tmp_path / "a"))
-  config.edit_factory = "mre_jax.judge:make_edit_fn"
+  config.edit_factory = "mre_jax.eval.judge:make_edit_fn"
   with pytest.raises(ConfigError, match="has no function make_edit_fn"):
     evaluators.run_real_edit(config, str(tmp_path / "b"))
   config.edit_factory = evaluators.DEFAULT_EDIT_FACTORY
@@ -261,7 +259,7 @@ def test_edit_factory_errors_are_clear(tmp_path):
 
 
 def test_annotate_synthetic_writes_reward_edit(tmp_path):
-  info = annotate.write_synthetic_ip2p(str(tmp_path / "ip"), 5, size=32)
+  info = testing.write_synthetic_ip2p(str(tmp_path / "ip"), 5, size=32)
   seeds = json.loads((tmp_path / "ip" / "seeds.json").read_text())
   seeds += [["missing_folder", [1]], "not an entry"]
   (tmp_path / "ip" / "seeds.json").write_text(json.dumps(seeds))
@@ -284,7 +282,7 @@ def test_annotate_synthetic_writes_reward_edit(tmp_path):
 
 
 def test_annotate_with_judge_server(tmp_path):
-  info = annotate.write_synthetic_ip2p(str(tmp_path / "ip"), 2, size=32)
+  info = testing.write_synthetic_ip2p(str(tmp_path / "ip"), 2, size=32)
   first = info["examples"]["synth_00000"]["instruction"]
 
   def reply(body, n):
@@ -325,7 +323,7 @@ def garbling(n, answer):
 def test_garbling_server_annotate_labels_every_name_evaluate_judges_every_item(tmp_path, fake_edit, capsys):
   factory, _, _ = fake_edit
   answer = "{'verdict': 'yes', 'score': 4.5, 'failure': 'None'}"
-  annotate.write_synthetic_ip2p(str(tmp_path / "ip"), 18, size=32)
+  testing.write_synthetic_ip2p(str(tmp_path / "ip"), 18, size=32)
   with FakeOpenAI(lambda body, n: garbling(n, answer)) as server:
     config = annotate_config.get_config()
     config.source = str(tmp_path / "ip")
@@ -352,7 +350,7 @@ def test_garbling_server_annotate_labels_every_name_evaluate_judges_every_item(t
 
 def test_annotate_never_writes_the_key(tmp_path, monkeypatch):
   """The key from the environment, echoed back by a server's error message, is in no file."""
-  info = annotate.write_synthetic_ip2p(str(tmp_path / "ip"), 2, size=32)
+  info = testing.write_synthetic_ip2p(str(tmp_path / "ip"), 2, size=32)
   first = info["examples"]["synth_00000"]["instruction"]
   monkeypatch.setenv("OPENAI_API_KEY", KEY)
 
@@ -478,8 +476,8 @@ def test_bad_evaluation_fields_fail_before_editing(tmp_path, field, value, match
 
 
 def test_real_model_edits_through_the_default_edit_factory(tmp_path, tiny_folder):
-  """config.checkpoint + config.edit.* -> mre_jax.edit.make_edit_fn -> judged edits."""
-  info = evaluators.write_synthetic_real_edit(str(tmp_path / "re"), 1, size=32)
+  """config.checkpoint + config.edit.* -> mre_jax.infer.edit.make_edit_fn -> judged edits."""
+  info = testing.write_synthetic_real_edit(str(tmp_path / "re"), 1, size=32)
   config = evaluate_config.get_config()
   config.real_edit_dir = str(tmp_path / "re")
   config.checkpoint = str(tiny_folder)
@@ -493,7 +491,7 @@ def test_real_model_edits_through_the_default_edit_factory(tmp_path, tiny_folder
 
 def test_annotate_a_tfds_source(tmp_path):
   """Triplets from a data/ builder (instruct_pix2pix built from a folder) instead of a folder."""
-  info = annotate.write_synthetic_ip2p(str(tmp_path / "ip"), 3, size=32)
+  info = testing.write_synthetic_ip2p(str(tmp_path / "ip"), 3, size=32)
   answer = "{'verdict': 'yes', 'score': 4, 'failure': 'None'}"
   with FakeOpenAI(lambda body, n: Reply(answer)) as server:
     config = annotate_config.get_config()

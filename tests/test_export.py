@@ -13,12 +13,14 @@ from safetensors.numpy import load_file, save_file
 
 from configs import convert as convert_config
 from configs import export as export_config
-from mre_jax import checkpointing, export, models, pretrained, tiny
+from mre_jax import models, testing
+from mre_jax.io import checkpointing, export, pretrained
+from mre_jax.models import tiny
 
 torch = pytest.importorskip("torch")
 from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel  # noqa: E402
 
-from mre_jax import torch_twin  # noqa: E402
+from mre_jax.io import torch_twin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
@@ -93,7 +95,7 @@ def test_exported_twin_matches_the_checkpoint_in_jax(exported):
 
 
 def test_convert_sd15_style_source_widens_conv_in_and_adds_reward_modules(tmp_path):
-  sd = tiny.write_tiny_model_folder(tmp_path / "sd", seed=3, unet=tiny.UNET.__class__(
+  sd = testing.write_tiny_model_folder(tmp_path / "sd", seed=3, unet=tiny.UNET.__class__(
       **{**tiny.UNET.__dict__, "in_channels": 4}), reward=False)
   _convert(sd, tmp_path / "stage1", reward="off")
   _convert(sd, tmp_path / "stage2", reward="on", seed=1)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mre_jax import edit, records
+from mre_jax.data import records
+from mre_jax.infer import edit
 
 
 def _png(image: Image.Image, **save) -> bytes:

@@ -1,10 +1,9 @@
 """Input pipeline: joint augmentation, per-process shards, resumable iteration, tokens."""
+import data_fixtures
 import numpy as np
 import pytest
 
-from mre_jax import input_pipeline as ip
-
-import data_fixtures
+from mre_jax.data import input_pipeline as ip
 
 
 def _coord_image(height, width):
@@ -167,7 +166,7 @@ def test_synthetic_builder_end_to_end(synthetic_builder, tmp_path):
 
 
 def test_synthetic_builder_stores_the_world_exactly(synthetic_builder):
-  from mre_jax import synthetic
+  from mre_jax.data import synthetic
   source = ip.data_source(synthetic_builder, "test")
   stored = {source[i]["scene_key"].decode(): source[i] for i in range(len(source))}
   for index in range(16):

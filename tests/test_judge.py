@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mre_jax import judge
-from mre_jax import synthetic
+from mre_jax.data import synthetic
 from mre_jax.errors import ConfigError
+from mre_jax.eval import judge
 
 KEY = "sk-test-Zq8v-NEVER-WRITE-ME"
 

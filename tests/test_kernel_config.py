@@ -7,8 +7,11 @@ import pytest
 from configs import edit as edit_config
 from configs import evaluate as evaluate_config
 from configs import train as train_config
-from mre_jax import checkpointing, ops, tiny, train
+from mre_jax import ops
 from mre_jax.errors import ConfigError
+from mre_jax.io import checkpointing
+from mre_jax.models import tiny
+from mre_jax.train import setup
 
 
 def test_kernels_validate_their_names():
@@ -33,7 +36,7 @@ def test_training_rejects_a_bad_kernel_name_before_anything_runs():
   config = train_config.get_config()
   config.model.conv = "fft"
   with pytest.raises(ConfigError, match=r"config.model.conv='fft': expected one of auto, xla, winograd"):
-    train.validate(config, 1)
+    setup.validate(config, 1)
 
 
 def test_model_spec_records_the_kernels_and_reads_specs_written_before_it_did(tmp_path):

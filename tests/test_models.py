@@ -7,14 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mre_jax import models, pretrained, tiny, weights
+from mre_jax import models
+from mre_jax.io import pretrained, weights
+from mre_jax.models import tiny
 
 torch = pytest.importorskip("torch")
+import parity  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from mre_jax import torch_twin  # noqa: E402
-
-import parity  # noqa: E402
+from mre_jax.io import torch_twin  # noqa: E402
 
 SD_WIDTH = models.UNetConfig(
     block_out_channels=(320, 640), layers_per_block=1, attention_head_dim=8, cross_attention_dim=768,

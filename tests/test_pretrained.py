@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mre_jax import pretrained, weights
+from mre_jax.io import pretrained, weights
 
 torch = pytest.importorskip("torch")
 from diffusers import AutoencoderKL  # noqa: E402

@@ -12,7 +12,6 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import reference_outputs as ref
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mre_jax import edit, sampling
+from mre_jax.infer import edit, sampling
 
 torch = pytest.importorskip("torch")
-from diffusers import (DDIMScheduler, EulerDiscreteScheduler,  # noqa: E402
-                       StableDiffusionInstructPix2PixPipeline)
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline  # noqa: E402
 
-from mre_jax import torch_twin  # noqa: E402
+from mre_jax.io import torch_twin  # noqa: E402
 
 SIZE = 64  # pixels; latents 8x8
 STEPS = 3

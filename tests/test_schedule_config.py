@@ -4,14 +4,17 @@ import json
 import numpy as np
 import pytest
 
-from mre_jax import checkpointing, sampling, tiny, train
+from mre_jax.infer import sampling
+from mre_jax.io import checkpointing
+from mre_jax.models import tiny
+from mre_jax.train import trainer
 
 
 def test_training_reads_the_schedule_the_sampler_reads(tmp_path):
   tiny.write_frozen_parts(checkpointing.frozen_dir(tmp_path), scheduler=dict(
       beta_schedule="linear", beta_start=1e-4, beta_end=0.02))
-  frozen, _ = train.load_frozen(tmp_path, np.float32)
-  schedule = train.training_schedule(frozen)
+  frozen, _ = trainer.load_frozen(tmp_path, np.float32)
+  schedule = trainer.training_schedule(frozen)
   # DDPM's linear schedule, computed here independently (float64, then compared in float32).
   betas = np.linspace(1e-4, 0.02, 1000)
   np.testing.assert_allclose(np.asarray(schedule.betas), betas, rtol=1e-6)
@@ -23,9 +26,9 @@ def test_training_reads_the_schedule_the_sampler_reads(tmp_path):
 
 def test_default_schedule_is_sd15s(tmp_path):
   tiny.write_frozen_parts(checkpointing.frozen_dir(tmp_path))
-  frozen, _ = train.load_frozen(tmp_path, np.float32)
+  frozen, _ = trainer.load_frozen(tmp_path, np.float32)
   betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
-  np.testing.assert_allclose(np.asarray(train.training_schedule(frozen).betas), betas, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(trainer.training_schedule(frozen).betas), betas, rtol=1e-6)
 
 
 def test_unknown_scheduler_key_is_named(tmp_path):

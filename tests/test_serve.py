@@ -17,8 +17,10 @@ import pytest
 from PIL import Image
 
 from configs import serve as serve_config
-from mre_jax import edit, sampling, serve, serve_screenshot, synthetic
+from mre_jax.app import serve, serve_screenshot
+from mre_jax.data import records, synthetic
 from mre_jax.errors import ConfigError
+from mre_jax.infer import edit, sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 64
@@ -259,7 +261,7 @@ def test_the_examples_come_from_the_synthetic_test_split(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(path)), example["original"])
     assert instruction == example["instruction"]
     categories.append(example["category"])
-  assert sorted(categories) == sorted(synthetic.CATEGORIES)
+  assert sorted(categories) == sorted(records.CATEGORIES)
 
 
 # ----------------------------------------------------------------------------- the page, in Chromium

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from configs import study as study_config
-from mre_jax import study, synthetic_eval
+from mre_jax.data import records
+from mre_jax.eval import study, synthetic_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def test_quick_study_trains_both_arms_and_writes_its_report(quick_study):
   assert reward_spec["reward"] is True and baseline_spec["reward"] is False
   result = json.loads((out / "table.json").read_text())
   assert result["seeds"] == [0] and result["examples"] == config.eval.count
-  rows = ["overall"] + list(synthetic_eval.synthetic.CATEGORIES)
+  rows = ["overall"] + list(records.CATEGORIES)
   for model in ("baseline", "reward", "reward - baseline"):
     assert list(result["models"][model]) == rows
     for row in rows:
@@ -83,8 +84,11 @@ def test_train_jobs_final_evaluation_judges_the_model_and_its_references(quick_s
   "truth through the VAE" is the judge of the truths encoded and decoded here with the VAE's own
   functions, and a rerun returns the stored report."""
   import shutil
+
   from configs import train as train_config
-  from mre_jax import edit, input_pipeline, pretrained
+  from mre_jax.data import input_pipeline
+  from mre_jax.infer import edit
+  from mre_jax.io import pretrained
   out, _ = quick_study
   run = tmp_path / "run"
   shutil.copytree(out / "reward_seed0", run)

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from mre_jax import synthetic as syn
+from mre_jax.data import records
+from mre_jax.data import synthetic as syn
 
 SIZE = 48
 
@@ -49,7 +50,7 @@ def test_example_fields_and_ranges():
       assert (score == 5.0) == (text == "None"), (ex["scores"], ex["reward_texts"])
     assert not np.array_equal(ex["original"], ex["truth"])
     cats.add(ex["category"])
-  assert cats == set(syn.CATEGORIES)
+  assert cats == set(records.CATEGORIES)
 
 
 def test_splits_hold_disjoint_scenes():
@@ -66,7 +67,7 @@ def test_clean_edit_scores_perfect():
   assert ex["reward_texts"] == ["None", "None", "None"]
 
 
-@pytest.mark.parametrize("category", syn.CATEGORIES)
+@pytest.mark.parametrize("category", records.CATEGORIES)
 def test_following_falls_with_the_share_applied(category):
   original, edit = _edit(category)
   scores = [_judge(original, edit, strength=s)[0] for s in (1.0, 0.7, 0.4, 0.0)]

@@ -17,15 +17,17 @@ import pytest
 from PIL import Image
 
 from configs import train as train_config
-from mre_jax import checkpointing, train
+from mre_jax import testing
 from mre_jax.errors import ConfigError
+from mre_jax.io import checkpointing
+from mre_jax.train import loop, precompute, samples, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-  from mre_jax import input_pipeline
+  from mre_jax.data import input_pipeline
   path = tmp_path_factory.mktemp("tfds")
   input_pipeline.build_dataset("synthetic_edit", str(path), config="tiny")
   return str(path)
@@ -79,7 +81,7 @@ SYNC_EVERY_STEP = ["--config.checkpoint.every=1", "--config.checkpoint.async_sav
 #             runs too), then go on
 _HELD_RUN = """
 import os, runpy, signal, sys, threading, time
-from mre_jax import sharding
+from mre_jax.train import sharding
 marker, (mode, n) = sys.argv[1], sys.argv[2].split(":")
 n, calls = int(n), [0]
 
@@ -135,7 +137,7 @@ def _restart(tfds_dir, workdir, capsys, saved):
   """Restarts a stopped run to the reference's 6 steps; checks that it began at the saved step."""
   logged_before = len(_logged_steps(workdir))
   capsys.readouterr()
-  state = train.train_and_evaluate(_config(tfds_dir, log_every=1), str(workdir))
+  state = loop.train_and_evaluate(_config(tfds_dir, log_every=1), str(workdir))
   out = capsys.readouterr().out
   assert f"resuming from step {saved} of {workdir}" in out, out
   # its metrics: one line per step after the saved one, none repeated (log_every=1)
@@ -148,7 +150,7 @@ def _restart(tfds_dir, workdir, capsys, saved):
 def reference(tfds_dir, tmp_path_factory):
   """An uninterrupted 6-step run that saves every step: (workdir, final state)."""
   workdir = tmp_path_factory.mktemp("reference") / "run"
-  return workdir, train.train_and_evaluate(_config(tfds_dir, **{"sample.every": 6}), str(workdir))
+  return workdir, loop.train_and_evaluate(_config(tfds_dir, **{"sample.every": 6}), str(workdir))
 
 
 def _copy_run(reference, target, last_step):
@@ -168,7 +170,7 @@ def test_train_writes_checkpoints_logs_and_learns(reference, tfds_dir):
   # A 24 px header, then 4 held-out examples x (input | truth | target | edit@5,5,5 | edit@own).
   assert grid.shape == (24 + 4 * 32, 5 * 32, 3)
   assert (grid[:24] < 128).any() and (grid[:24] == 255).mean() > 0.8  # dark labels on white
-  from mre_jax import input_pipeline
+  from mre_jax.data import input_pipeline
   first = input_pipeline.data_source(input_pipeline.build_dataset("synthetic_edit", tfds_dir, config="tiny"), "test")[0]
   np.testing.assert_array_equal(grid[24:56, :32], first["original"])
   np.testing.assert_array_equal(grid[24:56, 32:64], first["truth"])
@@ -186,16 +188,18 @@ def test_train_writes_checkpoints_logs_and_learns(reference, tfds_dir):
 def _fixed_batch_loss(workdir, tfds_dir, param_sets) -> list[float]:
   """The training loss of each U-Net params tree on the first 16 training examples, with the
   same noise, timesteps and dropout for all (the mean over 4 draws)."""
-  from mre_jax import diffusion, input_pipeline, models
+  from mre_jax import models
+  from mre_jax.data import input_pipeline
+  from mre_jax.infer import diffusion
   config = _config(tfds_dir)
   spec = checkpointing.read_spec(workdir)
-  frozen, fparams = train.load_frozen(workdir, np.float32)
+  frozen, fparams = trainer.load_frozen(workdir, np.float32)
   source = input_pipeline.data_source(input_pipeline.build_dataset("synthetic_edit", tfds_dir, config="tiny"), "train")
   batch = input_pipeline.create_dataset(
       source, global_batch_size=16, crop_size=32, tokenize_fn=input_pipeline.clip_tokenize_fn(frozen.tokenizer),
       seed=0, flip=False, shuffle=False, process_index=0, process_count=1)[0]
-  batch = {k: batch[k] for k in train.BATCH_KEYS}
-  loss_fn = jax.jit(functools.partial(train.loss_fn, unet=models.RewardUNet(spec.unet, reward=spec.reward),
+  batch = {k: batch[k] for k in trainer.BATCH_KEYS}
+  loss_fn = jax.jit(functools.partial(trainer.loss_fn, unet=models.RewardUNet(spec.unet, reward=spec.reward),
                                       frozen=frozen, fparams=fparams, schedule=diffusion.make_schedule(),
                                       config=config))
   keys = jax.random.split(jax.random.PRNGKey(1), 4)
@@ -216,7 +220,7 @@ def test_rerunning_a_finished_run_says_it_is_complete(reference, tfds_dir, tmp_p
   workdir = _copy_run(reference[0], tmp_path / "run", last_step=6)
   logged = (workdir / "metrics.jsonl").read_text()
   capsys.readouterr()
-  state = train.train_and_evaluate(_config(tfds_dir), str(workdir))
+  state = loop.train_and_evaluate(_config(tfds_dir), str(workdir))
   out = capsys.readouterr().out
   assert f"resuming from step 6 of {workdir}" in out
   assert "the run is already complete at step 6 (config.num_steps=6)" in out, out
@@ -272,7 +276,7 @@ def _saved_state(workdir) -> dict:
   step, params = checkpointing.restore_params(workdir, use_ema=False)
   _, ema = checkpointing.restore_params(workdir, use_ema=True)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.eval_shape(train.make_optimizer(train_config.get_config("tiny").optim).init, params)
+  abstract = jax.eval_shape(trainer.make_optimizer(train_config.get_config("tiny").optim).init, params)
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   handler = ocp.StandardCheckpointHandler()
   try:
@@ -283,7 +287,7 @@ def _saved_state(workdir) -> dict:
 
 
 def _initial_params(workdir):
-  return train.initial_params(train_config.get_config("tiny"), checkpointing.read_spec(workdir))
+  return trainer.initial_params(train_config.get_config("tiny"), checkpointing.read_spec(workdir))
 
 
 def _rel(got, want) -> float:
@@ -365,7 +369,8 @@ def test_export_and_edit_use_the_ema_parameters_unless_told_otherwise(reference,
   """After 6 steps the EMA params differ from the raw ones: the exported U-Net and the editor's are
   the EMA tree by default, the raw tree with use_ema=False (compared with the run's own state)."""
   from configs import export as export_config
-  from mre_jax import edit, export
+  from mre_jax.infer import edit
+  from mre_jax.io import export
   workdir, state = reference
   assert all(np.abs(a - b).max() > 0 for a, b in zip(_leaves(state.params), _leaves(state.ema_params)))
   in_channels = checkpointing.read_spec(workdir).unet.in_channels
@@ -388,26 +393,27 @@ def test_interrupted_save_is_never_picked_up(reference, tmp_path):
 
 def test_nan_loss_stops_naming_the_step_and_is_not_saved(reference, tfds_dir, tmp_path, monkeypatch):
   workdir = _copy_run(reference[0], tmp_path / "run", last_step=4)
-  real_loss = train.loss_fn
-  monkeypatch.setattr(train, "loss_fn", lambda *a, **kw: real_loss(*a, **kw) * np.nan)
+  real_loss = trainer.loss_fn
+  monkeypatch.setattr(trainer, "loss_fn", lambda *a, **kw: real_loss(*a, **kw) * np.nan)
   with pytest.raises(FloatingPointError, match="step 5: loss is nan"):
-    train.train_and_evaluate(_config(tfds_dir), str(workdir))
+    loop.train_and_evaluate(_config(tfds_dir), str(workdir))
   assert checkpointing.restore_params(workdir)[0] == 4
 
 
 def test_latent_cache_holds_the_frozen_encoders_outputs_and_trains(tfds_dir, tmp_path):
-  from mre_jax import input_pipeline, latent_cache, pretrained
+  from mre_jax.data import input_pipeline, latent_cache
+  from mre_jax.io import pretrained
   cache = str(tmp_path / "cache")
-  train.precompute_latents(_config(tfds_dir, **{"data.latent_cache": cache}), str(tmp_path / "encoders"))
+  precompute.precompute_latents(_config(tfds_dir, **{"data.latent_cache": cache}), str(tmp_path / "encoders"))
   with pytest.raises(FileExistsError, match="already holds a cache"):
-    train.precompute_latents(_config(tfds_dir, **{"data.latent_cache": cache}), str(tmp_path / "encoders"))
+    precompute.precompute_latents(_config(tfds_dir, **{"data.latent_cache": cache}), str(tmp_path / "encoders"))
   # independent of the job: encode the first examples here and compare
-  frozen, fparams = train.load_frozen(tmp_path / "encoders", np.float32)
+  frozen, fparams = trainer.load_frozen(tmp_path / "encoders", np.float32)
   source = input_pipeline.data_source(input_pipeline.build_dataset("synthetic_edit", tfds_dir, config="tiny"), "train")
   images = input_pipeline.create_dataset(
       source, global_batch_size=4, crop_size=32, tokenize_fn=input_pipeline.clip_tokenize_fn(frozen.tokenizer),
       seed=0, flip=False, shuffle=False, process_index=0, process_count=1)[0]
-  expected = train.encode_batch(frozen, fparams, {k: images[k] for k in train.BATCH_KEYS})
+  expected = trainer.encode_batch(frozen, fparams, {k: images[k] for k in trainer.BATCH_KEYS})
   cached = latent_cache.CacheSource(cache)
   assert len(cached) == len(source)
   for i in range(4):
@@ -419,7 +425,7 @@ def test_latent_cache_holds_the_frozen_encoders_outputs_and_trains(tfds_dir, tmp
     contexts = pretrained.encode_text(frozen.text_encoder, fparams["text"],
                                       pretrained.tokenize(frozen.tokenizer, wordings))[0]
     assert min(np.abs(np.asarray(c) - row["context"]).max() for c in contexts) < 1e-4
-  state = train.train_and_evaluate(_config(tfds_dir, **{"data.latent_cache": cache, "num_steps": 2}),
+  state = loop.train_and_evaluate(_config(tfds_dir, **{"data.latent_cache": cache, "num_steps": 2}),
                                    str(tmp_path / "cached"))
   assert int(state.step) == 2
   assert all(np.isfinite(json.loads(l)["loss"]) for l in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines())
@@ -427,11 +433,14 @@ def test_latent_cache_holds_the_frozen_encoders_outputs_and_trains(tfds_dir, tmp
 
 def test_stage1_from_sd15_style_folder_and_stage2_from_its_checkpoint(tfds_dir, tmp_path):
   import dataclasses
-  from mre_jax import export, models, tiny
-  sd = tiny.write_tiny_model_folder(tmp_path / "sd", seed=4, unet=dataclasses.replace(tiny.UNET, in_channels=4),
+
+  from mre_jax import models
+  from mre_jax.io import export
+  from mre_jax.models import tiny
+  sd = testing.write_tiny_model_folder(tmp_path / "sd", seed=4, unet=dataclasses.replace(tiny.UNET, in_channels=4),
                                     reward=False)
   stage1 = tmp_path / "stage1"
-  train.train_and_evaluate(_config(tfds_dir, **{"stage": 1, "num_steps": 2, "model.init": "pretrained",
+  loop.train_and_evaluate(_config(tfds_dir, **{"stage": 1, "num_steps": 2, "model.init": "pretrained",
                                                 "model.pretrained": str(sd)}), str(stage1))
   spec = checkpointing.read_spec(stage1)
   assert spec.unet.in_channels == 8 and not spec.reward
@@ -441,13 +450,13 @@ def test_stage1_from_sd15_style_folder_and_stage2_from_its_checkpoint(tfds_dir, 
   delta = np.abs(first["conv_out"]["kernel"] - source["conv_out"]["kernel"]).max()
   assert 0 < delta < 1e-2
   stage2 = tmp_path / "stage2"
-  state = train.train_and_evaluate(_config(tfds_dir, **{"num_steps": 2, "model.init": "pretrained",
+  state = loop.train_and_evaluate(_config(tfds_dir, **{"num_steps": 2, "model.init": "pretrained",
                                                         "model.pretrained": str(stage1)}), str(stage2))
   assert checkpointing.read_spec(stage2).reward and set(models.REWARD_MODULES) <= set(state.params)
 
 
 def test_bfloat16_compute_with_remat_and_accumulation_trains(tfds_dir, tmp_path):
-  state = train.train_and_evaluate(
+  state = loop.train_and_evaluate(
       _config(tfds_dir, **{"model.dtype": "bfloat16", "model.remat": True, "grad_accum_steps": 2,
                            "optim.warmup_steps": 2, "num_steps": 2, "log_every": 1}), str(tmp_path))
   assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(state.params))
@@ -458,7 +467,7 @@ def test_bfloat16_compute_with_remat_and_accumulation_trains(tfds_dir, tmp_path)
 
 def test_labelled_grid_upscales_tiles_by_nearest_neighbour():
   columns = [np.random.default_rng(i).uniform(size=(2, 8, 8, 3)) for i in range(3)]
-  grid = train.labelled_grid(columns, ("a", "b", "c"), tile=20)  # 8 px -> x3 = 24 px tiles
+  grid = samples.labelled_grid(columns, ("a", "b", "c"), tile=20)  # 8 px -> x3 = 24 px tiles
   assert grid.shape == (24 + 2 * 24, 3 * 24, 3)
   tile = grid[24 + 24:24 + 48, 2 * 24:3 * 24].astype(np.float64)  # example 1, column 2
   expected = np.repeat(np.repeat(np.round(columns[2][1] * 255), 3, axis=0), 3, axis=1)
@@ -473,7 +482,7 @@ def test_labelled_grid_upscales_tiles_by_nearest_neighbour():
 ])
 def test_bad_config_fails_before_compiling(override, message, tmp_path):
   with pytest.raises(ConfigError, match=message):
-    train.train_and_evaluate(_config("unused", **override), str(tmp_path))
+    loop.train_and_evaluate(_config("unused", **override), str(tmp_path))
   assert not (tmp_path / "state").exists()
 
 
@@ -483,20 +492,20 @@ def test_ema_decay_matches_diffusers_ema_model():
   config = train_config.get_config("tiny")
   ema = EMAModel([torch.nn.Parameter(torch.zeros(1))])
   for step in (1, 2, 3, 10, 1000, 10**6):
-    assert float(train.ema_decay(np.int32(step), config.ema)) == pytest.approx(ema.get_decay(step), rel=1e-6)
+    assert float(trainer.ema_decay(np.int32(step), config.ema)) == pytest.approx(ema.get_decay(step), rel=1e-6)
 
 
 def test_8_simulated_devices_match_1_device(tfds_dir, tmp_path):
   """data 2 x fsdp 4 (parameters, EMA and optimiser state split 4 ways) against one device, 6 steps."""
   overrides = {"batch_size": 8, "log_every": 1, "mesh.fsdp_min_size": 1024}
   one = tmp_path / "one"
-  train.train_and_evaluate(_config(tfds_dir, **overrides), str(one))
+  loop.train_and_evaluate(_config(tfds_dir, **overrides), str(one))
   eight = tmp_path / "eight"
   code = (
       "import sys, jax\n"
-      "from test_train import _config\nfrom mre_jax import train\n"
+      "from test_train import _config\nfrom mre_jax.train import loop\n"
       f"cfg = _config(sys.argv[1], **{overrides!r}, **{{'mesh.data': 2, 'mesh.fsdp': 4}})\n"
-      "state = train.train_and_evaluate(cfg, sys.argv[2])\n"
+      "state = loop.train_and_evaluate(cfg, sys.argv[2])\n"
       "print('devices', jax.device_count(), 'sharded', sum(not l.sharding.is_fully_replicated "
       "for l in jax.tree_util.tree_leaves(state.params)))\n")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",

@@ -9,16 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mre_jax import ops, tiny, weights
-from mre_jax.models import unet_blocks
+from mre_jax import ops
+from mre_jax.io import weights
+from mre_jax.models import tiny, unet_blocks
 
 torch = pytest.importorskip("torch")
+import parity  # noqa: E402
 from diffusers import Transformer2DModel, UNet2DConditionModel  # noqa: E402
 from diffusers.models.downsampling import Downsample2D  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 from diffusers.models.upsampling import Upsample2D  # noqa: E402
-
-import parity  # noqa: E402
 
 SCALES = (1.0, 1e-2)
 XLA = ops.Kernels(attention="xla", conv="xla", norm="xla")  # and the defaults ("auto": the CPU kernels)

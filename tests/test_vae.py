@@ -4,12 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mre_jax import models, pretrained, tiny
+from mre_jax import models
+from mre_jax.io import pretrained
+from mre_jax.models import tiny
 
 torch = pytest.importorskip("torch")
-from diffusers import AutoencoderKL  # noqa: E402
-
 import parity  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
 
 # SD's VAE widths (128, 256, 512 channels, 32 groups; its 512-wide single-head mid attention),
 # one resnet per level and three levels to keep it small.

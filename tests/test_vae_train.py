@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from configs import vae as vae_config
-from mre_jax import pretrained, synthetic, tiny, vae_train
+from mre_jax.data import synthetic
 from mre_jax.errors import ConfigError
+from mre_jax.io import pretrained
+from mre_jax.models import tiny
+from mre_jax.train import vae_train
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def test_vae_job_writes_a_loadable_vae_and_its_psnr(vae_run):
   assert cfg["block_out_channels"] == list(config.vae.block_out_channels)
   assert cfg["latent_channels"] == config.vae.latent_channels
   # scaling_factor = 1 / std of the posterior means of training images (SD's convention).
-  from mre_jax import input_pipeline
+  from mre_jax.data import input_pipeline
   builder = input_pipeline.build_dataset("synthetic_edit", config.data.data_dir, config="tiny")
   images = vae_train.load_images(builder, "train")[:3 * 500]
   mean, _ = pretrained.vae_encode(vae, params, images.astype(np.float32) / 127.5 - 1.0)
@@ -107,7 +110,7 @@ def test_decoder_only_finetune_keeps_the_latents(vae_run, tmp_path):
 def test_edge_term_is_the_l1_error_of_pixel_differences():
   vae_cfg = vae_train.vae_config(vae_config.get_config("quick"))
   vae = pretrained.make_vae(vae_cfg)
-  from mre_jax import weights
+  from mre_jax.io import weights
   params = weights.init_like_torch(pretrained.vae_param_shapes(vae), 0)
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3), minval=-1, maxval=1)
   rng = jax.random.PRNGKey(2)

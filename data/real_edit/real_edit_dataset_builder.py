@@ -13,13 +13,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 try:
-  from mre_jax import records
+  from mre_jax.data import records
 except ImportError:  # `tfds build data/real_edit` runs without the repo on sys.path.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-  from mre_jax import records
+  from mre_jax.data import records
 
 NAME = "real_edit"
-CATEGORIES = ("Local", "Remove", "Add", "Texture", "Background", "Global", "Style")
 
 
 @dataclasses.dataclass
@@ -51,7 +50,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "original": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
             "instruction": tfds.features.Text(),
-            "category": tfds.features.ClassLabel(names=CATEGORIES),
+            "category": tfds.features.ClassLabel(names=records.CATEGORIES),
             "image_name": tfds.features.Text(),
             "index": tfds.features.Scalar(dtype=np.int32),
         }),
@@ -94,8 +93,8 @@ def parse_instruction(text):
                             f"{text!r} is not '<Category>. ...: <instruction>'")
   category = text.split(".", 1)[0].strip()
   instruction = text.rsplit(": ", 1)[1].strip()
-  if category not in CATEGORIES:
-    raise records.BadRecord("bad_category", f"category {category!r} of {text!r} is not one of {CATEGORIES}")
+  if category not in records.CATEGORIES:
+    raise records.BadRecord("bad_category", f"category {category!r} of {text!r} is not one of {records.CATEGORIES}")
   if not instruction:
     raise records.BadRecord("empty_instruction", f"{text!r} has an empty instruction")
   return category, instruction

@@ -7,7 +7,7 @@ failure texts a judge gives when it measures `edited` against `truth`. All gener
 lives in mre_jax/synthetic.py; this file only describes features and splits.
 
 Build: `tfds build data/synthetic_edit --data_dir=OUT [--config=32px]`, or
-`mre_jax.input_pipeline.build_dataset("synthetic_edit", OUT)`.
+`mre_jax.data.input_pipeline.build_dataset("synthetic_edit", OUT)`.
 """
 import dataclasses
 import os
@@ -17,10 +17,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 try:
-  from mre_jax import synthetic
+  from mre_jax.data import synthetic
 except ImportError:  # `tfds build data/synthetic_edit` runs without the repo on sys.path.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-  from mre_jax import synthetic
+  from mre_jax.data import synthetic
 
 
 @dataclasses.dataclass

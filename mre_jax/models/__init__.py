@@ -13,9 +13,8 @@ diffusers / transformers PyTorch models, so their checkpoints convert by name (w
 """
 
 from mre_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
-from mre_jax.models.unet import (NUM_SCORES, REWARD_HEADS, REWARD_MODULES, SCORE_EMBED_DIM,
-                                 RewardCrossAttentionLayer, RewardUNet, UNetConfig, init_unet_params,
-                                 unet_param_shapes)
+from mre_jax.models.unet import (NUM_SCORES, REWARD_HEADS, REWARD_MODULES, SCORE_EMBED_DIM, RewardCrossAttentionLayer,
+                                 RewardUNet, UNetConfig, init_unet_params, unet_param_shapes)
 from mre_jax.models.vae import AutoencoderKL, VAEConfig
 
 __all__ = ["AutoencoderKL", "CLIPTextConfig", "CLIPTextEncoder", "NUM_SCORES", "REWARD_HEADS", "REWARD_MODULES",

@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mre_jax import ops, weights
+from mre_jax import ops
+from mre_jax.io import weights
 from mre_jax.models import unet_blocks
 from mre_jax.models.layers import Conv, Dense, GroupNorm, conv1x1, gelu
 

@@ -27,8 +27,8 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
 from mre_jax.ops import CONV, dense
 

@@ -12,7 +12,7 @@ Backends:
                     (429 with Retry-After, 5xx, timeouts, connection errors) are ours, not the
                     client's (it runs with max_retries=0).
   SyntheticBackend  no API: scores an edit of the synthetic world exactly against its stored
-                    ground truth (mre_jax.synthetic.judge) and answers in the same dictionary
+                    ground truth (mre_jax.data.synthetic.judge) and answers in the same dictionary
                     form, so the whole path (parsing, cache, tables) runs offline.
 
 An answer that cannot be read is asked again (the same request plus a reminder of the
@@ -48,8 +48,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from mre_jax import records
-from mre_jax import synthetic
+from mre_jax.data import records, synthetic
 from mre_jax.errors import ConfigError
 
 PERSPECTIVES = ("following", "preserving", "quality")

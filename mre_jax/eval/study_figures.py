@@ -11,8 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mre_jax import synthetic_eval, train  # noqa: E402
-from mre_jax.synthetic_eval import PERSPECTIVES  # noqa: E402
+from mre_jax.eval import synthetic_eval  # noqa: E402
+from mre_jax.eval.synthetic_eval import PERSPECTIVES  # noqa: E402
+from mre_jax.train import samples
 
 COLOURS = {"baseline": "#8c8c8c", "reward": "#1f77b4"}
 
@@ -69,7 +70,7 @@ def examples(out: Path, test: synthetic_eval.TestSet, seed: int, path: Path, til
   edits = {arm: np.load(out / "edits" / f"{arm}_seed{seed}.npz")["edits"] for arm in ("baseline", "reward")}
   picks = [test.categories.index(c) for c in dict.fromkeys(test.categories)]
   columns = [test.originals[picks], test.truths[picks], edits["baseline"][picks], edits["reward"][picks]]
-  grid = train.labelled_grid([c.astype(np.float32) / 255.0 for c in columns],
+  grid = samples.labelled_grid([c.astype(np.float32) / 255.0 for c in columns],
                              ("input", "truth", "baseline", "reward model 5,5,5"), tile)
   tmp = path.with_name(f".{path.name}.tmp.png")
   Image.fromarray(grid).save(tmp, format="PNG")

@@ -22,8 +22,9 @@ import numpy as np
 from absl import logging
 from safetensors.numpy import save_file
 
-from mre_jax import checkpointing, models, pretrained, weights
+from mre_jax import models
 from mre_jax.errors import ConfigError, require
+from mre_jax.io import checkpointing, pretrained, weights
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_WEIGHTS = "model.safetensors"

@@ -14,10 +14,12 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image
-from PIL import ImageFile
+from PIL import Image, ImageFile
 
-from mre_jax.images import to_rgb_array as _to_rgb  # the same conversion as editing
+from mre_jax.data.images import to_rgb_array as _to_rgb  # the same conversion as editing
+
+# Real-Edit's edit categories (the paper's evaluation); the synthetic world edits in the same seven.
+CATEGORIES = ("Local", "Remove", "Add", "Texture", "Background", "Global", "Style")
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # A truncated file is a bad record, never half an image.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

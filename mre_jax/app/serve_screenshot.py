@@ -1,8 +1,8 @@
 """Starts the serve job, makes one edit in headless Chromium and saves a screenshot of the page.
 
 ```
-python -m mre_jax.serve_screenshot --checkpoint DIR --out docs/app.png [--resolution 64] [--example 0]
-python -m mre_jax.serve_screenshot --checkpoint DIR --out app.png --image in.jpg --instruction "make it winter"
+python -m mre_jax.app.serve_screenshot --checkpoint DIR --out docs/app.png [--resolution 64] [--example 0]
+python -m mre_jax.app.serve_screenshot --checkpoint DIR --out app.png --image in.jpg --instruction "make it winter"
 ```
 
 Needs the `[app]` extra (Gradio, Playwright) and Debian's Chromium (`apt-get install chromium`):
@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from mre_jax.serve import URL_LINE
+from mre_jax.app.serve import URL_LINE
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-MAIN = Path(__file__).resolve().parents[1] / "main.py"
+MAIN = Path(__file__).resolve().parents[2] / "main.py"
 VIEWPORT = {"width": 1280, "height": 900}
 
 

@@ -8,7 +8,7 @@ python main.py --config=configs/edit.py --config.checkpoint=DIR --config.request
 
 `load_editor` reads a project checkpoint (EMA params by default) or a diffusers-format folder
 (e.g. the release's stage-2 folder). Images are prepared as the release's evaluation does (SPEC
-section 4, `size_rule="release"`; sizes in mre_jax.sizes): any mode -> RGB, scaled so that the
+section 4, `size_rule="release"`; sizes in mre_jax.infer.sizes): any mode -> RGB, scaled so that the
 longer side is near `resolution` (512) with the shorter side rounded up to a multiple of 64,
 the longer one down, and fitted (Lanczos, centre crop) to that size; a 1536x1024 photo is
 edited at 576x384. The paper's rule, `size_rule="short_side"`, scales the shorter side to
@@ -34,10 +34,12 @@ from absl import logging
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from mre_jax import checkpointing, export, models, ops, pretrained, sampling
+from mre_jax import models, ops
+from mre_jax.data.images import to_rgb  # the same RGB conversion as the training records
 from mre_jax.errors import ConfigError, require
-from mre_jax.images import to_rgb  # the same RGB conversion as the training records
-from mre_jax.sizes import SIZE_MULTIPLE, check_size_rule, fit_image, output_size, working_size  # noqa: F401 (edit.working_size)
+from mre_jax.infer import sampling
+from mre_jax.infer.sizes import SIZE_MULTIPLE, check_size_rule, fit_image, output_size, working_size  # noqa: F401 (edit.working_size)
+from mre_jax.io import checkpointing, export, pretrained
 
 DEFAULT_SCORES = (5.0, 5.0, 5.0)  # following, preserving, quality: the best (SPEC section 4)
 DEFAULT_REWARD_TEXT = "None; None; None"

@@ -20,7 +20,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-DATA_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+DATA_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
 RESIZE_POLICIES = ("short_side", "square")
 TOKEN_LENGTH = 77
 BEST_SCORES = (5.0, 5.0, 5.0)

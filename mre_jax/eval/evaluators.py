@@ -5,7 +5,7 @@ python main.py --config=configs/evaluate.py --config.checkpoint=DIR \
 
 Workdir layout (every step resumes from it):
   edits/<photo>-<crc>__<i>.png  the edits, lossless; an edit on disk is never redone
-  judge_cache.jsonl       every paid answer, append-only (mre_jax.judge.JudgmentCache)
+  judge_cache.jsonl       every paid answer, append-only (mre_jax.eval.judge.JudgmentCache)
   results.jsonl           one line per (edit, perspective): status, verdict, score, raw
                           answer, every try (re-asks), latency, attempts, prompt version,
                           model, category, ...
@@ -17,7 +17,7 @@ Workdir layout (every step resumes from it):
 What the judge sees (SPEC section 5, as the release): the photo fitted to the editor's working
 size and the edit, both resized to config.judge_height (512) high, keeping the photo's aspect.
 Two protocols turn answers into the table (config.judge.protocol):
-  proper   each answer's dictionary is parsed (mre_jax.judge.parse_answer); an unreadable
+  proper   each answer's dictionary is parsed (mre_jax.eval.judge.parse_answer); an unreadable
            answer leaves out its own perspective only
   release  the release's rules: "yes" when the substring occurs, the score the first
            'score': <float>; an item whose three answers do not all read so is dropped from
@@ -25,7 +25,7 @@ Two protocols turn answers into the table (config.judge.protocol):
 
 The editing model is injected: `edit_fn(images: list[PIL.Image], instructions: list[str])
 -> list[PIL.Image]` (same order and length). The job builds it lazily, only when edits are
-missing, from config.edit_factory = "module:function" (default "mre_jax.edit:make_edit_fn"):
+missing, from config.edit_factory = "module:function" (default "mre_jax.infer.edit:make_edit_fn"):
 a function `make_edit_fn(config) -> edit_fn` that receives this job's whole config
 (config.checkpoint, config.edit.*).
 """
@@ -45,14 +45,12 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from mre_jax import judge
-from mre_jax import records
-from mre_jax import sizes
-from mre_jax import synthetic
+from mre_jax.data import records
 from mre_jax.errors import ConfigError, require
+from mre_jax.eval import judge
+from mre_jax.infer import sizes
 
-CATEGORIES = ("Local", "Remove", "Add", "Texture", "Background", "Global", "Style")
-DEFAULT_EDIT_FACTORY = "mre_jax.edit:make_edit_fn"
+DEFAULT_EDIT_FACTORY = "mre_jax.infer.edit:make_edit_fn"
 FAILED = ("failed", "budget_exhausted", "no_edit")
 PROTOCOLS = ("proper", "release")  # how answers become the table (module docstring)
 _PROTOCOL_NOTES = {
@@ -85,8 +83,8 @@ def parse_instruction(text) -> tuple[str, str]:
     raise ValueError(f"{text!r} is not '<Category>. ...: <instruction>'")
   category = text.split(".", 1)[0].strip()
   instruction = text.rsplit(": ", 1)[1].strip()
-  if category not in CATEGORIES:
-    raise ValueError(f"category {category!r} of {text!r} is not one of {CATEGORIES}")
+  if category not in records.CATEGORIES:
+    raise ValueError(f"category {category!r} of {text!r} is not one of {records.CATEGORIES}")
   if not instruction:
     raise ValueError(f"{text!r} has an empty instruction")
   return category, instruction
@@ -301,7 +299,7 @@ def make_table(results: list[dict], *, protocol: str = "proper", samples: int = 
   if protocol not in PROTOCOLS:
     raise ConfigError(f"config.judge.protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
   view = release_view(results) if protocol == "release" else results
-  cats = [c for c in CATEGORIES if any(r.get("category") == c for r in view)]
+  cats = [c for c in records.CATEGORIES if any(r.get("category") == c for r in view)]
   table = {"rows": {}, "protocol": protocol, "prompt_version": judge.PROMPT_VERSION,
            "models": sorted({r["model"] for r in view if r.get("model")}),
            "bootstrap_samples": samples}
@@ -509,43 +507,4 @@ def _other_table(config, workdir: str):
 
 # ------------------------------------------------------------------ synthetic Real-Edit
 
-def _scene_with_all_edits(rng, size):
-  """A test-split scene and one visible exact edit per category."""
-  for _ in range(1000):
-    scene = synthetic.sample_scene(rng)
-    if synthetic.scene_split(scene) != "test":
-      continue
-    original = synthetic.to_uint8(synthetic.render_float(scene, size))
-    edits = [synthetic.sample_edit(rng, scene, c, size) for c in CATEGORIES]
-    if all(e is not None and np.sum(np.any(synthetic.to_uint8(e["truth"]) != original, -1)) >= 16
-           for e in edits):
-      return original, edits
-  raise RuntimeError("could not sample a scene that takes all seven edits")
 
-
-def write_synthetic_real_edit(root: str, num_photos: int, seed: int = 0, size: int = 64) -> dict:
-  """A Real-Edit-format folder from the synthetic world, with exact ground truth.
-
-  Writes <root>/real_edit.json, <root>/photo_<k>.png and, for the synthetic judge backend,
-  <root>/truth/<k>_<i>.png and <root>/truth/index.json. Returns {"json", "truth",
-  "truths": {item key: truth uint8 [S, S, 3]}}.
-  """
-  rng = np.random.default_rng([seed, 7])
-  listing, entries, truths = {}, [], {}
-  os.makedirs(os.path.join(root, "truth"), exist_ok=True)
-  for k in range(num_photos):
-    original, edits = _scene_with_all_edits(rng, size)
-    name = f"photo_{k:03d}.png"
-    Image.fromarray(original).save(os.path.join(root, name))
-    listing[name] = []
-    for i, (category, edit) in enumerate(zip(CATEGORIES, edits)):
-      instruction = edit["instructions"][int(rng.integers(len(edit["instructions"])))]
-      listing[name].append(f"{category}. Synthetic {category.lower()} edit: {instruction}")
-      truth = synthetic.to_uint8(edit["truth"])
-      Image.fromarray(truth).save(os.path.join(root, "truth", f"{k:03d}_{i}.png"))
-      entries.append((original, instruction, f"{k:03d}_{i}.png", edit["failures"]))
-      truths[f"{name}#{i}"] = truth
-  judge.write_text_atomic(os.path.join(root, "real_edit.json"), json.dumps(listing, indent=1))
-  judge.write_truth_index(os.path.join(root, "truth", "index.json"), entries)
-  return {"json": os.path.join(root, "real_edit.json"),
-          "truth": os.path.join(root, "truth", "index.json"), "truths": truths}

@@ -30,9 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mre_jax import checkpointing, edit, input_pipeline, synthetic_eval, train
+from mre_jax.data import input_pipeline
 from mre_jax.errors import ConfigError
-from mre_jax.synthetic_eval import PERSPECTIVES
+from mre_jax.eval import synthetic_eval
+from mre_jax.eval.synthetic_eval import PERSPECTIVES
+from mre_jax.infer import edit
+from mre_jax.io import checkpointing
+from mre_jax.train import loop
 
 ARMS = ("baseline", "reward")
 # Reward text of a perspective whose requested score is below 5 (the data's generic wording).
@@ -68,7 +72,7 @@ def train_models(config, out: Path) -> None:
   for seed in config.seeds:
     for arm in ARMS:
       print(f"study: training {arm} seed {seed}", flush=True)
-      train.train_and_evaluate(train_config(config, out, arm, seed), str(out / f"{arm}_seed{seed}"))
+      loop.train_and_evaluate(train_config(config, out, arm, seed), str(out / f"{arm}_seed{seed}"))
 
 
 def knob_request(perspective: int, value: float) -> tuple[tuple[float, ...], str]:
@@ -190,7 +194,7 @@ def run_study(config, workdir: str | None) -> dict:
   text = table_markdown(result)
   checkpointing.write_text_atomic(out / "table.json", json.dumps(result, indent=2) + "\n")
   checkpointing.write_text_atomic(out / "table.md", text)
-  from mre_jax import study_figures  # matplotlib: only the report needs it
+  from mre_jax.eval import study_figures  # matplotlib: only the report needs it
   study_figures.write_figures(out, result, config, test)
   print(text)
   return result

@@ -36,8 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mre_jax import checkpointing, export, input_pipeline, pretrained, tiny, weights
+from mre_jax.data import input_pipeline
 from mre_jax.errors import ConfigError
+from mre_jax.io import checkpointing, export, pretrained, weights
+from mre_jax.models import tiny
 
 IMAGE_KINDS = ("original", "truth", "edited")  # the images of a synthetic_edit example
 

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mre_jax import diffusion, pretrained
+from mre_jax.infer import diffusion
+from mre_jax.io import pretrained
 
 SCHEDULERS = ("euler_ancestral", "euler", "ddim")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

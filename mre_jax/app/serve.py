@@ -35,9 +35,10 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
-from mre_jax import edit, sampling, synthetic
+from mre_jax.data import synthetic
 from mre_jax.errors import ConfigError, require
-from mre_jax.sizes import SIZE_MULTIPLE, check_size_rule, output_size, working_size
+from mre_jax.infer import edit, sampling
+from mre_jax.infer.sizes import SIZE_MULTIPLE, check_size_rule, output_size, working_size
 
 MAX_SEED = 2 ** 32
 TEXT_GUIDANCE_MAX = 20.0  # slider ranges; values sent through the API are checked against them
@@ -306,7 +307,7 @@ def _run_reporting(fn: Callable, steps: int, report: Callable[[int, int], None] 
 
 def write_examples(folder: Path, count: int, seed: int) -> list[list[str]]:
   """`count` synthetic test-split examples as PNGs in `folder`: [[image path, instruction], ...]
-  (one category after another, `synthetic.CATEGORIES` order)."""
+  (one category after another, `records.CATEGORIES` order)."""
   rows = []
   for index in range(count):
     example = synthetic.make_example(index, "test", seed=seed, size=EXAMPLE_SIZE)

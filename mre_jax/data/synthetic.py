@@ -15,7 +15,8 @@ import zlib
 
 import numpy as np
 
-CATEGORIES = ("Local", "Remove", "Add", "Texture", "Background", "Global", "Style")
+from mre_jax.data import records
+
 SPLITS = ("train", "test")
 COLOURS = {
     "red": (0.86, 0.16, 0.16), "green": (0.16, 0.67, 0.24), "blue": (0.16, 0.27, 0.86),
@@ -713,14 +714,14 @@ def make_example(index, split="train", seed=0, size=64, clean_prob=0.25):
 
   Returns a dict: `original`, `truth` (exact edit), `edited` (corrupted edit), each uint8
   [size, size, 3]; `instruction` (str), `instructions` (paraphrases, list of str),
-  `category` (one of CATEGORIES, balanced by index), `scores` float32 [3] in [0, 5] and
+  `category` (one of records.CATEGORIES, balanced by index), `scores` float32 [3] in [0, 5] and
   `reward_texts` (3 str) measured by `judge`; `scene_key` (str); `corruption` (the spec).
   """
   _check_size(size)
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   rng = np.random.default_rng([seed, SPLITS.index(split), index])
-  category = CATEGORIES[index % len(CATEGORIES)]
+  category = records.CATEGORIES[index % len(records.CATEGORIES)]
   scene, edit = _sample_scene_and_edit(rng, split, category, size)
   original, truth = render_float(scene, size), edit["truth"]
   spec = sample_corruption(rng, edit["truth_scene"], edit["target"], clean_prob)

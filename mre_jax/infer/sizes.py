@@ -1,4 +1,4 @@
-"""The editor's working sizes (SPEC section 4), apart from mre_jax.edit so that the evaluation
+"""The editor's working sizes (SPEC section 4), apart from mre_jax.infer.edit so that the evaluation
 can fit photos as the editor does without importing JAX and the model code.
 
 Two rules map a photo's (width, height) and a resolution R to the size the model sees:

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mre_jax import models, ops, weights
+from mre_jax import models, ops
+from mre_jax.io import weights
 
 if TYPE_CHECKING:
   from transformers import CLIPTokenizer

@@ -28,12 +28,10 @@ from typing import Any
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
-from mre_jax import judge
-from mre_jax import records
-from mre_jax import synthetic
+from mre_jax.data import input_pipeline, records
 from mre_jax.errors import ConfigError, require
+from mre_jax.eval import judge
 
 
 @dataclasses.dataclass
@@ -91,7 +89,6 @@ def dataset_triplets(config) -> list[Triplet]:
   A record's key in the output is the folder of its `name` field (`<folder>/<seed>`, with the
   seed kept in the entry as the reward_edit builder reads it), else `<dataset>/<index>`.
   """
-  from mre_jax import input_pipeline
   kwargs = {"config": config.builder_config} if config.builder_config else {}
   builder = input_pipeline.build_dataset(config.dataset, config.data_dir, config.manual_dir or None, **kwargs)
   source = input_pipeline.data_source(builder, config.split)
@@ -194,27 +191,3 @@ def annotate(config, workdir: str) -> dict:
 
 # ------------------------------------------------------------- synthetic InsPix2Pix
 
-def write_synthetic_ip2p(root: str, num: int, seed: int = 0, size: int = 64) -> dict:
-  """An InsPix2Pix-format folder of synthetic examples (PNG, lossless), with ground truth.
-
-  Writes <root>/seeds.json, <root>/synth_<k>/prompt.json, <k>_0.png, <k>_1.png and, for the
-  synthetic judge backend, <root>/truth/<k>.png and <root>/truth/index.json. Returns
-  {"truth": index path, "examples": {name: synthetic.make_example(...)}}.
-  """
-  os.makedirs(os.path.join(root, "truth"), exist_ok=True)
-  seeds, entries, examples = [], [], {}
-  for k in range(num):
-    ex = synthetic.make_example(k, "train", seed=seed, size=size)
-    name = f"synth_{k:05d}"
-    folder = os.path.join(root, name)
-    os.makedirs(folder, exist_ok=True)
-    for i, img in enumerate((ex["original"], ex["edited"])):
-      Image.fromarray(np.asarray(img)).save(os.path.join(folder, f"{k}_{i}.png"))
-    judge.write_text_atomic(os.path.join(folder, "prompt.json"), json.dumps({"edit": ex["instruction"]}))
-    Image.fromarray(ex["truth"]).save(os.path.join(root, "truth", f"{k}.png"))
-    entries.append((ex["original"], ex["instruction"], f"{k}.png", None))
-    seeds.append([name, [k]])
-    examples[name] = ex
-  judge.write_text_atomic(os.path.join(root, "seeds.json"), json.dumps(seeds))
-  judge.write_truth_index(os.path.join(root, "truth", "index.json"), entries)
-  return {"truth": os.path.join(root, "truth", "index.json"), "examples": examples}

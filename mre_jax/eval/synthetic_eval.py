@@ -20,7 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
-from mre_jax import checkpointing, edit, input_pipeline, synthetic, vae_train
+from mre_jax.data import input_pipeline, records, synthetic
+from mre_jax.infer import edit
+from mre_jax.io import checkpointing
+from mre_jax.train import vae_train
 
 PERSPECTIVES = ("following", "preserving", "quality")
 BEST_SCORES = (5.0, 5.0, 5.0)
@@ -50,7 +53,7 @@ def load_test_set(builder, split: str = "test", count: int = 0) -> TestSet:
   source = input_pipeline.data_source(builder, split)
   count = len(source) if count <= 0 else count
   categories = [_text(source[i]["category"]) for i in range(len(source))]
-  names = [c for c in synthetic.CATEGORIES if c in categories]
+  names = [c for c in records.CATEGORIES if c in categories]
   wanted = {c: count // len(names) + (k < count % len(names)) for k, c in enumerate(names)}
   picked = [i for c in names for i in [j for j, x in enumerate(categories) if x == c][:wanted[c]]]
   if len(picked) < count:
@@ -113,7 +116,7 @@ def summarize(scores: np.ndarray, categories: Sequence[str], **kwargs) -> dict:
   scores = scores[None] if scores.ndim == 2 else scores
   cats = np.asarray(categories)
   rows = {"overall": np.ones(len(cats), bool)}
-  rows.update({c: cats == c for c in synthetic.CATEGORIES if np.any(cats == c)})
+  rows.update({c: cats == c for c in records.CATEGORIES if np.any(cats == c)})
   return {row: {p: bootstrap_mean(scores[:, mask, j], **kwargs) for j, p in enumerate(PERSPECTIVES)}
           for row, mask in rows.items()}
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
-
 from flax import traverse_util
 
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")

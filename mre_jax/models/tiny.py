@@ -1,9 +1,8 @@
-"""Tiny random models in the real formats, for tests, benchmarks and the embedded demo.
-
-`write_tiny_model_folder` writes a complete diffusers-format InstructPix2Pix folder (unet/,
-vae/, text_encoder/, tokenizer/, scheduler/, model_index.json) from random Flax parameters,
-needing neither PyTorch nor a download. Its tokenizer is a real CLIP BPE tokenizer over a small
-vocabulary: every byte, plus whole-word merges for common edit words.
+"""The embedded demo's model: the tiny U-Net architecture, the shipped VAEs, and the frozen parts
+(tokenizer/, text_encoder/, vae/, scheduler/) a `model.init=tiny` run writes, in diffusers format,
+needing neither PyTorch nor a download (mre_jax.testing adds a whole random model folder). The
+tokenizer is a real CLIP BPE tokenizer over a small vocabulary: every byte, plus whole-word
+merges for common edit words.
 """
 
 from __future__ import annotations
@@ -12,7 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
-from mre_jax import export, models, pretrained, weights
+from mre_jax import models
+from mre_jax.io import export, pretrained, weights
 
 UNET = models.UNetConfig(
     block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, cross_attention_dim=32,
@@ -107,12 +107,3 @@ def write_frozen_parts(folder: str | Path, seed: int = 0, vae: str = "", schedul
   return folder
 
 
-def write_tiny_model_folder(folder: str | Path, seed: int = 0, unet: models.UNetConfig = UNET,
-                            reward: bool = True) -> Path:
-  """A random diffusers-format InstructPix2Pix folder with the tiny architecture."""
-  folder = write_frozen_parts(folder, seed)
-  unet_params = models.init_unet_params(models.RewardUNet(unet, reward=reward), seed)
-  export.write_component(folder / "unet", unet.to_diffusers(), export.unet_state_dict(unet_params),
-                         export.UNET_WEIGHTS)
-  (folder / "model_index.json").write_text(json.dumps(export.MODEL_INDEX))
-  return folder

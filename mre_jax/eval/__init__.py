@@ -1,0 +1,3 @@
+"""Evaluation: the vision-language judge (judge.py), the Real-Edit runner (evaluators.py), the
+reward annotator (annotate.py), the exact judge's evaluation of runs (synthetic_eval.py) and the
+paper's ablation study (study.py, study_figures.py)."""

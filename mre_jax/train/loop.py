@@ -1,0 +1,210 @@
+"""The training job: grain batches (per process) -> global sharded arrays -> `trainer.train_step`
+(pure, jitted once with explicit shardings, state donated) -> metrics / checkpoints / samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from mre_jax import models, ops
+from mre_jax.data import latent_cache
+from mre_jax.errors import ConfigError
+from mre_jax.infer import edit
+from mre_jax.io import checkpointing, pretrained
+from mre_jax.train import sharding
+from mre_jax.train.precompute import write_latent_cache
+from mre_jax.train.samples import make_sample_grid_fn, write_png
+from mre_jax.train.setup import (build_data, cache_path, initialize_distributed, make_data_iterator, prepare_workdir,
+                                 validate)
+from mre_jax.train.trainer import (BATCH_KEYS, DTYPES, TrainState, initial_params, load_frozen, lr_schedule,
+                                   make_optimizer, train_step, training_schedule)
+
+
+def _save(manager, state: TrainState, data_iter) -> None:
+  step = int(jax.device_get(state.step))
+  items = dict(params=ocp.args.StandardSave(state.params), ema_params=ocp.args.StandardSave(state.ema_params),
+               opt_state=ocp.args.StandardSave(state.opt_state))
+  if data_iter is not None:
+    import grain
+    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def _restore(manager, abstract: TrainState, data_iter) -> TrainState:
+  step = manager.latest_step()
+  items = dict(params=ocp.args.StandardRestore(abstract.params),
+               ema_params=ocp.args.StandardRestore(abstract.ema_params),
+               opt_state=ocp.args.StandardRestore(abstract.opt_state))
+  if data_iter is not None:
+    import grain
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  step_array = jax.device_put(np.int32(step), abstract.step.sharding)
+  return TrainState(step_array, restored["params"], restored["ema_params"], restored["opt_state"])
+
+
+class _StopFlag:
+  """Set by SIGTERM: the loop saves a checkpoint after the current step and exits."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+
+def train_and_evaluate(config, workdir: str | None) -> TrainState:
+  """Job: trains `config.num_steps` optimiser steps, resuming from `workdir` if it holds a run."""
+  if not workdir:
+    raise ConfigError("--workdir is required: checkpoints, logs and samples are written there")
+  initialize_distributed(config)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  validate(config, mesh.size)
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  spec, loaded_params = prepare_workdir(config, workdir)
+  kernels = ops.Kernels.from_config(config.model, "config.model")
+  spec = dataclasses.replace(spec, kernels=kernels)
+  if jax.process_index() == 0 and not checkpointing.is_checkpoint(workdir):
+    checkpointing.write_spec(workdir, spec)
+  frozen, fparams = load_frozen(workdir, DTYPES[config.model.dtype], kernels)
+  vae_config = pretrained.read_config(checkpointing.frozen_dir(workdir) / "vae")
+  edit.check_channels(spec.unet, int(vae_config.get("latent_channels", 4)),
+                      f"{workdir} (config.model.unet.in_channels / out_channels)")
+  unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=DTYPES[config.model.dtype],
+                           remat=config.model.remat, reward_dropout=config.model.reward_dropout, kernels=kernels)
+  tx = make_optimizer(config.optim)
+
+  # Shardings, derived from shapes.
+  param_shapes = models.unet_param_shapes(unet)
+  abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, p, tx.init(p)), param_shapes)
+  state_sh = sharding.tree_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+  abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+  repl = sharding.replicated(mesh)
+  fparams = sharding.place(fparams, jax.tree_util.tree_map(lambda _: repl, fparams))
+
+  cache = cache_path(config, workdir)
+  have_cache = bool(cache) and (Path(cache) / latent_cache.INDEX).exists()
+  builder = build_data(config, workdir) if not have_cache or config.sample.every or config.eval.count else None
+  if cache and not have_cache:
+    if config.data.latent_cache != "auto":
+      raise FileNotFoundError(f"config.data.latent_cache={cache}: no latent cache there (make one with "
+                              "--config.job=precompute, or set it to 'auto')")
+    write_latent_cache(config, builder, frozen, jax.device_get(fparams), Path(cache))
+  data_iter, sample_batch = make_data_iterator(config, frozen, workdir, builder)
+  manager = checkpointing.make_manager(workdir, max_to_keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  if manager.latest_step() is not None:
+    state = _restore(manager, abstract, data_iter)
+    if jax.process_index() == 0:
+      print(f"resuming from step {int(jax.device_get(state.step))} of {workdir}", flush=True)
+  else:
+    host = initial_params(config, spec) if loaded_params is None else loaded_params
+    params, ema = sharding.place(host, state_sh.params), sharding.place(host, state_sh.ema_params)
+    opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
+    state = TrainState(jax.device_put(np.int32(0), state_sh.step), params, ema, opt_state)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, unet=unet, frozen=frozen, tx=tx, schedule=training_schedule(frozen),
+                        config=config),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh), repl, repl), out_shardings=(state_sh, repl),
+      donate_argnums=0)
+  sample_fn = None if sample_batch is None else make_sample_grid_fn(config, unet, frozen, sample_batch)
+  try:
+    state = _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sample_fn)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+  if config.eval.count and jax.process_index() == 0 and int(jax.device_get(state.step)) == config.num_steps:
+    from mre_jax.eval import synthetic_eval
+    synthetic_eval.evaluate_run(config, workdir, builder, config.num_steps)
+  return state
+
+
+def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sample_fn) -> TrainState:
+  from tqdm import tqdm
+  main_process = jax.process_index() == 0
+  start = int(jax.device_get(state.step))
+  if start >= config.num_steps:  # a rerun of a finished run: no step to take, no loss to report
+    if main_process:
+      print(f"the run is already complete at step {start} (config.num_steps={config.num_steps}); "
+            f"checkpoints in {workdir / checkpointing.STATE_DIR}")
+    return state
+  writer = _metric_writer(workdir) if main_process else None
+  stop = _StopFlag()
+  rng = jax.random.PRNGKey(config.seed)
+  bar = tqdm(total=config.num_steps, initial=start, disable=not main_process, unit="step")
+  t0, images, metrics = time.time(), 0, {}
+  for step in range(start + 1, config.num_steps + 1):
+    local = next(data_iter)
+    keys = latent_cache.FIELDS if config.data.latent_cache else BATCH_KEYS
+    batch = sharding.global_batch({k: local[k] for k in keys}, mesh)
+    state, metrics = step_fn(state, batch, fparams, rng)
+    metrics = jax.device_get(metrics)
+    if not np.isfinite(metrics["loss"]):
+      raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; stopping (this state is not saved)")
+    images += config.batch_size
+    if step % config.log_every == 0 or step == config.num_steps:
+      rate = images / max(time.time() - t0, 1e-9)
+      scalars = {**{k: float(v) for k, v in metrics.items()}, "images_per_sec": rate,
+                 "lr": float(lr_schedule(config.optim)(step - 1))}
+      if writer is not None:
+        writer.write(step, scalars)
+      bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.1f}")
+      t0, images = time.time(), 0
+    bar.update(1)
+    if sample_fn is not None and config.sample.every and (step % config.sample.every == 0 or step == config.num_steps):
+      grid = sample_fn(state.ema_params, fparams)
+      if main_process:
+        write_png(grid, workdir / "samples" / f"step_{step:07d}.png")
+        writer.image("samples", grid, step)
+    if step % config.checkpoint.every == 0 or step == config.num_steps or stop.requested:
+      _save(manager, state, data_iter)
+    if stop.requested:
+      logging.warning("SIGTERM: saved step %d and stopped", step)
+      break
+  bar.close()
+  if main_process:
+    print(f"done: step {int(jax.device_get(state.step))}/{config.num_steps}, "
+          f"loss {float(metrics.get('loss', float('nan'))):.4f}, checkpoints in {workdir / checkpointing.STATE_DIR}")
+  return state
+
+
+class _MetricWriter:
+  """TensorBoard event files (through tf.summary, outside the train step) and metrics.jsonl."""
+
+  def __init__(self, workdir: Path):
+    import tensorflow as tf
+    self._tf = tf
+    self._writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+    self._jsonl = open(workdir / "metrics.jsonl", "a")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    with self._writer.as_default():
+      for name, value in scalars.items():
+        self._tf.summary.scalar(name, value, step=step)
+    self._writer.flush()
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+
+  def image(self, name: str, image: np.ndarray, step: int) -> None:
+    """image: uint8 [H, W, 3]."""
+    with self._writer.as_default():
+      self._tf.summary.image(name, image[None], step=step)
+
+
+def _metric_writer(workdir: Path) -> _MetricWriter:
+  return _MetricWriter(workdir)

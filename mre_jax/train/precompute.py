@@ -1,0 +1,64 @@
+"""The precompute job: the frozen encoders' outputs for the training data, written once as a
+latent cache (mre_jax.data.latent_cache) so that training runs only the U-Net."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mre_jax import ops
+from mre_jax.data import input_pipeline, latent_cache
+from mre_jax.errors import ConfigError
+from mre_jax.train.setup import build_data, initialize_distributed, prepare_workdir, sync
+from mre_jax.train.trainer import BATCH_KEYS, Frozen, encode_batch, load_frozen
+
+
+def precompute_latents(config, workdir: str | None) -> Path:
+  """Job (configs/train.py with --config.job=precompute): encodes the training data once.
+
+  Writes `config.data.latent_cache` (see latent_cache); training with that field set then runs
+  only the U-Net. Images are encoded uncropped-at-random and unflipped; each process encodes
+  its slice on its own devices.
+  """
+  if not workdir:
+    raise ConfigError("--workdir is required: the frozen encoders are read from (or written to) it")
+  if not config.data.latent_cache or config.data.latent_cache == "auto":
+    raise ConfigError("config.data.latent_cache is required (job 'precompute'): the folder to write")
+  cache = Path(config.data.latent_cache).absolute()
+  if (cache / latent_cache.INDEX).exists():
+    raise FileExistsError(f"config.data.latent_cache={cache}: already holds a cache")
+  initialize_distributed(config)
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  prepare_workdir(config, workdir)
+  frozen, fparams = load_frozen(workdir, jnp.float32, ops.Kernels.from_config(config.model, "config.model"))
+  return write_latent_cache(config, build_data(config, workdir), frozen, fparams, cache)
+
+
+def write_latent_cache(config, builder, frozen: Frozen, fparams, cache: Path) -> Path:
+  """Encodes `config.data.split` of `builder` with the frozen encoders into `cache`."""
+  data = config.data
+  ds = input_pipeline.create_dataset(
+      input_pipeline.data_source(builder, data.split), global_batch_size=config.batch_size,
+      crop_size=data.crop_size, tokenize_fn=input_pipeline.clip_tokenize_fn(frozen.tokenizer), seed=config.seed,
+      resize=data.resize, flip=False, shuffle=False, num_epochs=1)
+  encode = jax.jit(functools.partial(encode_batch, frozen))
+  fparams = jax.device_put(fparams, jax.local_devices()[0])
+  rows = {f: [] for f in latent_cache.FIELDS}
+  for batch in ds:
+    out = jax.device_get(encode(fparams, {k: batch[k] for k in BATCH_KEYS}))
+    for f in latent_cache.FIELDS:
+      rows[f].append(np.asarray(out[f], np.float32))
+  index, count = jax.process_index(), jax.process_count()
+  shards = [f"part-{i}-of-{count}" for i in range(count)]
+  latent_cache.write_shard(cache, shards[index], {f: np.concatenate(v) for f, v in rows.items()})
+  sync("latent cache written")
+  if index == 0:
+    latent_cache.write_index(cache, shards)
+    print(f"wrote latent cache {cache}: {sum(len(v) for v in rows['scores'])} examples per process")
+  sync("latent cache indexed")
+  return cache
