@@ -9,15 +9,10 @@ Bad records are skipped with a reason (counts in info.metadata["skipped/train"])
 import dataclasses
 import glob
 import os
-import sys
 
 import tensorflow_datasets as tfds
 
-try:
-  from mre_jax.data import records
-except ImportError:  # `tfds build data/instruct_pix2pix` runs without the repo on sys.path.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-  from mre_jax.data import records
+from mre_jax.data import records
 
 NAME = "instruct_pix2pix"
 PARQUET_COLUMNS = ("original_prompt", "original_image", "edit_prompt", "edited_prompt", "edited_image")

@@ -7,16 +7,11 @@ text before the first ".", the instruction the text after the last ": ".
 import dataclasses
 import glob
 import os
-import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-try:
-  from mre_jax.data import records
-except ImportError:  # `tfds build data/real_edit` runs without the repo on sys.path.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-  from mre_jax.data import records
+from mre_jax.data import records
 
 NAME = "real_edit"
 

@@ -10,16 +10,11 @@ following, detail preserving, generation quality. Bad records are skipped with a
 import dataclasses
 import os
 import re
-import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-try:
-  from mre_jax.data import records
-except ImportError:  # `tfds build data/reward_edit` runs without the repo on sys.path.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-  from mre_jax.data import records
+from mre_jax.data import records
 
 NAME = "reward_edit"
 JSON_NAME = "RewardEdit_20K.json"

@@ -4,23 +4,18 @@ The default data for training and tests: no download. Scenes of shapes, colours,
 and backgrounds; instructions in the 7 Real-Edit categories; for each example the exact
 edit (`truth`), a corrupted one (`edited`) like generated training data, and the scores and
 failure texts a judge gives when it measures `edited` against `truth`. All generation logic
-lives in mre_jax/synthetic.py; this file only describes features and splits.
+lives in mre_jax/data/synthetic.py; this file only describes features and splits.
 
 Build: `tfds build data/synthetic_edit --data_dir=OUT [--config=32px]`, or
-`mre_jax.data.input_pipeline.build_dataset("synthetic_edit", OUT)`.
+`mre_jax.data.input_pipeline.build_dataset("synthetic_edit", OUT)`. Like every builder in
+data/, it imports the installed `mre_jax` package (`pip install -e .`, see README.md).
 """
 import dataclasses
-import os
-import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-try:
-  from mre_jax.data import synthetic
-except ImportError:  # `tfds build data/synthetic_edit` runs without the repo on sys.path.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-  from mre_jax.data import synthetic
+from mre_jax.data import synthetic
 
 
 @dataclasses.dataclass
