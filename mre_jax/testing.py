@@ -18,7 +18,7 @@ from PIL import Image
 from mre_jax import models
 from mre_jax.data import records, synthetic
 from mre_jax.eval import judge
-from mre_jax.io import export
+from mre_jax.io import export, files
 from mre_jax.models import tiny
 
 
@@ -69,7 +69,7 @@ def write_synthetic_real_edit(root: str, num_photos: int, seed: int = 0, size: i
       Image.fromarray(truth).save(os.path.join(root, "truth", f"{k:03d}_{i}.png"))
       entries.append((original, instruction, f"{k:03d}_{i}.png", edit["failures"]))
       truths[f"{name}#{i}"] = truth
-  judge.write_text_atomic(os.path.join(root, "real_edit.json"), json.dumps(listing, indent=1))
+  files.write_json(os.path.join(root, "real_edit.json"), listing, indent=1)
   judge.write_truth_index(os.path.join(root, "truth", "index.json"), entries)
   return {"json": os.path.join(root, "real_edit.json"),
           "truth": os.path.join(root, "truth", "index.json"), "truths": truths}
@@ -91,11 +91,11 @@ def write_synthetic_ip2p(root: str, num: int, seed: int = 0, size: int = 64) -> 
     os.makedirs(folder, exist_ok=True)
     for i, img in enumerate((ex["original"], ex["edited"])):
       Image.fromarray(np.asarray(img)).save(os.path.join(folder, f"{k}_{i}.png"))
-    judge.write_text_atomic(os.path.join(folder, "prompt.json"), json.dumps({"edit": ex["instruction"]}))
+    files.write_json(os.path.join(folder, "prompt.json"), {"edit": ex["instruction"]})
     Image.fromarray(ex["truth"]).save(os.path.join(root, "truth", f"{k}.png"))
     entries.append((ex["original"], ex["instruction"], f"{k}.png", None))
     seeds.append([name, [k]])
     examples[name] = ex
-  judge.write_text_atomic(os.path.join(root, "seeds.json"), json.dumps(seeds))
+  files.write_json(os.path.join(root, "seeds.json"), seeds)
   judge.write_truth_index(os.path.join(root, "truth", "index.json"), entries)
   return {"truth": os.path.join(root, "truth", "index.json"), "examples": examples}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from mre_jax.app.serve import URL_LINE
+from mre_jax.io import files
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -190,12 +191,7 @@ def screenshot(url: str, out: str | os.PathLike, *, image: str | None = None, in
     if not line.startswith("Edited"):
       raise RuntimeError(f"the edit failed on the page: {line}")
     page.mouse.move(0, 0)  # no hover highlight in the picture
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-    try:
-      page.screenshot(path=str(tmp), full_page=True)
-      os.replace(tmp, out)
-    finally:
-      tmp.unlink(missing_ok=True)
+    files.write_atomic(out, page.screenshot(full_page=True, type="png"))
     return line
   finally:
     page.context.close()

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mre_jax.io import files
+
 FIELDS = ("latent_mean", "latent_logvar", "cond", "context", "reward_embeds", "scores")
 _SPATIAL = ("latent_mean", "latent_logvar", "cond")
 INDEX = "index.json"
@@ -64,17 +66,12 @@ def prepare(example: dict[str, np.ndarray], rng: np.random.Generator, *, flip: b
 
 def write_shard(path: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
   """Writes one process's rows, each file through a temporary name."""
-  path.mkdir(parents=True, exist_ok=True)
   for field in FIELDS:
-    tmp = path / f".{name}.{field}.npy.tmp"
-    with open(tmp, "wb") as f:
-      np.save(f, np.ascontiguousarray(arrays[field], np.float32))
-    os.replace(tmp, path / f"{name}.{field}.npy")
+    array = np.ascontiguousarray(arrays[field], np.float32)
+    files.write_atomic(path / f"{name}.{field}.npy", lambda f: np.save(f, array))
 
 
 def write_index(path: Path, shards: list[str]) -> None:
   """Written last (by process 0): a cache without its index is never read."""
   count = sum(len(np.load(path / f"{s}.scores.npy", mmap_mode="r")) for s in shards)
-  tmp = path / f".{INDEX}.tmp"
-  tmp.write_text(json.dumps({"count": count, "shards": shards}))
-  os.replace(tmp, path / INDEX)
+  files.write_json(path / INDEX, {"count": count, "shards": shards})

@@ -32,6 +32,7 @@ from absl import logging
 from mre_jax.data import input_pipeline, records
 from mre_jax.errors import ConfigError, require
 from mre_jax.eval import judge
+from mre_jax.io import files
 
 
 @dataclasses.dataclass
@@ -179,10 +180,9 @@ def annotate(config, workdir: str) -> dict:
   results = judge.judge_with_config(config.judge, workdir, _requests(todo))
   done, failed = entries_from_results(results)
   output.update(done)
-  judge.write_text_atomic(out_path, json.dumps(output, indent=1, sort_keys=True))
-  judge.write_text_atomic(os.path.join(workdir, "failures.json"),
-                          json.dumps(failed, indent=1, sort_keys=True))
-  judge.write_jsonl_atomic(os.path.join(workdir, "results.jsonl"), results)
+  files.write_json(out_path, output, indent=1, sort_keys=True)
+  files.write_json(os.path.join(workdir, "failures.json"), failed, indent=1, sort_keys=True)
+  files.write_jsonl(os.path.join(workdir, "results.jsonl"), results, sort_keys=True)
   print(f"annotated {len(done)} names this run ({len(output)} in {out_path}); failed: "
         f"{len(failed)} (see failures.json); {judge.reask_summary(judge.reask_counts(results))}",
         flush=True)

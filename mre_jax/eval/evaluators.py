@@ -49,6 +49,7 @@ from mre_jax.data import records
 from mre_jax.errors import ConfigError, require
 from mre_jax.eval import judge
 from mre_jax.infer import sizes
+from mre_jax.io import files
 
 DEFAULT_EDIT_FACTORY = "mre_jax.infer.edit:make_edit_fn"
 FAILED = ("failed", "budget_exhausted", "no_edit")
@@ -168,12 +169,6 @@ def _to_pil(image, where: str) -> Image.Image:
   return Image.fromarray(arr)
 
 
-def save_png_atomic(path: str, image: Image.Image) -> None:
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}.png")
-  image.save(tmp, format="PNG")
-  os.replace(tmp, path)
-
-
 def _batches(items: list[Item], batch_size: int):
   """Runs of at most `batch_size` items of one photo (one working size per edit_fn call)."""
   batch = []
@@ -209,7 +204,7 @@ def make_edits(items: list[Item], edit_fn_factory, batch_size: int) -> int:
       raise ValueError(f"edit_fn returned {len(outputs)} images for a batch of {len(batch)}")
     for it, out in zip(batch, outputs):
       os.makedirs(os.path.dirname(it.edit_path), exist_ok=True)
-      save_png_atomic(it.edit_path, _to_pil(out, it.key))
+      files.write_image(it.edit_path, _to_pil(out, it.key))
     done += len(batch)
     logging.info("edited %d/%d", done, len(pending))
   return done
@@ -437,7 +432,7 @@ def write_run_config(config, workdir: str) -> None:
   """config as JSON, without the API key."""
   d = config.to_dict()
   d.get("judge", {}).pop("api_key", None)
-  judge.write_text_atomic(os.path.join(workdir, "run_config.json"), json.dumps(d, indent=1, default=str))
+  files.write_json(os.path.join(workdir, "run_config.json"), d, indent=1, default=str)
 
 
 def run_real_edit(config, workdir: str, edit_fn=None) -> dict:
@@ -460,12 +455,12 @@ def run_real_edit(config, workdir: str, edit_fn=None) -> dict:
   prepare = functools.partial(judge_images, resolution=config.edit.resolution,
                               size_rule=config.edit.size_rule, height=height)
   results = judge.judge_with_config(config.judge, workdir, _requests(items, prepare), backend)
-  judge.write_jsonl_atomic(os.path.join(workdir, "results.jsonl"), results)
+  files.write_jsonl(os.path.join(workdir, "results.jsonl"), results, sort_keys=True)
   table = make_table(results, protocol=config.judge.protocol, samples=config.bootstrap_samples,
                      seed=config.seed)
-  judge.write_text_atomic(os.path.join(workdir, "table.json"), json.dumps(table, indent=1))
+  files.write_json(os.path.join(workdir, "table.json"), table, indent=1)
   markdown = table_markdown(table)
-  judge.write_text_atomic(os.path.join(workdir, "table.md"), markdown)
+  files.write_atomic(os.path.join(workdir, "table.md"), markdown)
   print(markdown, flush=True)
   return table
 
@@ -492,7 +487,7 @@ def evaluate(config, workdir: str) -> None:
   if config.compare:
     other_name, other = _other_table(config, workdir)
     text = compare_markdown(table, other, workdir, other_name)
-    judge.write_text_atomic(os.path.join(workdir, "compare.md"), text)
+    files.write_atomic(os.path.join(workdir, "compare.md"), text)
     print(text, flush=True)
 
 

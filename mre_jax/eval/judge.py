@@ -50,6 +50,7 @@ from PIL import Image
 
 from mre_jax.data import records, synthetic
 from mre_jax.errors import ConfigError
+from mre_jax.io import files
 
 PERSPECTIVES = ("following", "preserving", "quality")
 # ok: parsed answer; unparsed: the model answered, but no try was in the asked form (raws kept);
@@ -360,23 +361,7 @@ def cache_key(query: Query, model: str, prompt_version: str = PROMPT_VERSION) ->
   return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-# ------------------------------------------------------------------------------- files
-
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes `path` via a temp file in the same folder, fsync and rename."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{threading.get_ident()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def write_jsonl_atomic(path: str, rows) -> None:
-  write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-
+# ------------------------------------------------------------------------------- cache
 
 class JudgmentCache:
   """Append-only JSONL of paid answers: one line {"key": str, "judgment": {...}}.
@@ -596,7 +581,7 @@ def write_truth_index(path: str, entries) -> None:
   """
   index = {truth_key(o, instr): {"truth": rel, "failures": list(f) if f else None}
            for o, instr, rel, f in entries}
-  write_text_atomic(path, json.dumps({"version": 1, "entries": index}, indent=1, sort_keys=True))
+  files.write_json(path, {"version": 1, "entries": index}, indent=1, sort_keys=True)
 
 
 class SyntheticBackend:

@@ -25,7 +25,6 @@ OUT/
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from mre_jax.errors import ConfigError
 from mre_jax.eval import synthetic_eval
 from mre_jax.eval.synthetic_eval import PERSPECTIVES
 from mre_jax.infer import edit
-from mre_jax.io import checkpointing
+from mre_jax.io import files
 from mre_jax.train import loop
 
 ARMS = ("baseline", "reward")
@@ -91,10 +90,7 @@ def cached_edits(out: Path, name: str, make_fn) -> np.ndarray:
   if path.is_file():
     return np.load(path)["edits"]
   images = make_fn()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp.npz")
-  np.savez_compressed(tmp, edits=images)
-  tmp.replace(path)
+  files.write_atomic(path, lambda f: np.savez_compressed(f, edits=images))
   return images
 
 
@@ -192,8 +188,8 @@ def run_study(config, workdir: str | None) -> dict:
   scores = edit_all(config, out, test, knob_test)
   result = report(config, scores, test, knob_test)
   text = table_markdown(result)
-  checkpointing.write_text_atomic(out / "table.json", json.dumps(result, indent=2) + "\n")
-  checkpointing.write_text_atomic(out / "table.md", text)
+  files.write_json(out / "table.json", result, indent=2)
+  files.write_atomic(out / "table.md", text)
   from mre_jax.eval import study_figures  # matplotlib: only the report needs it
   study_figures.write_figures(out, result, config, test)
   print(text)

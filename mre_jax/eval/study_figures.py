@@ -9,20 +9,20 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from mre_jax.eval import synthetic_eval  # noqa: E402
 from mre_jax.eval.synthetic_eval import PERSPECTIVES  # noqa: E402
+from mre_jax.io import files  # noqa: E402
 from mre_jax.train import samples
 
 COLOURS = {"baseline": "#8c8c8c", "reward": "#1f77b4"}
 
 
 def _save(fig, path: Path) -> None:
-  tmp = path.with_name(f".{path.name}.tmp.png")
-  fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  plt.close(fig)
-  tmp.replace(path)
+  try:
+    files.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+  finally:
+    plt.close(fig)
 
 
 def bars(result: dict, path: Path) -> None:
@@ -72,9 +72,7 @@ def examples(out: Path, test: synthetic_eval.TestSet, seed: int, path: Path, til
   columns = [test.originals[picks], test.truths[picks], edits["baseline"][picks], edits["reward"][picks]]
   grid = samples.labelled_grid([c.astype(np.float32) / 255.0 for c in columns],
                              ("input", "truth", "baseline", "reward model 5,5,5"), tile)
-  tmp = path.with_name(f".{path.name}.tmp.png")
-  Image.fromarray(grid).save(tmp, format="PNG")
-  tmp.replace(path)
+  files.write_image(path, grid)
 
 
 def write_figures(out: Path, result: dict, config, test: synthetic_eval.TestSet) -> None:

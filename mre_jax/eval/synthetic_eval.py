@@ -22,7 +22,7 @@ import numpy as np
 
 from mre_jax.data import input_pipeline, records, synthetic
 from mre_jax.infer import edit
-from mre_jax.io import checkpointing
+from mre_jax.io import files
 from mre_jax.train import vae_train
 
 PERSPECTIVES = ("following", "preserving", "quality")
@@ -174,7 +174,7 @@ def evaluate_run(config, workdir: Path, builder, step: int) -> dict:
   text = (f"Exact judge on {len(test)} held-out {ev.split} edits (synthetic.judge, 0-5; mean [95% bootstrap "
           f"interval]):\n\n{table_markdown(summaries)}\n\nThe model per category:\n\n"
           f"{category_markdown(summaries['model at 5,5,5'])}\n")
-  checkpointing.write_text_atomic(workdir / "eval.md", text)
-  checkpointing.write_text_atomic(done, json.dumps(report, indent=2) + "\n")
+  files.write_atomic(workdir / "eval.md", text)
+  files.write_json(done, report, indent=2)
   print(text)
   return report

@@ -39,7 +39,7 @@ from mre_jax.data.images import to_rgb  # the same RGB conversion as the trainin
 from mre_jax.errors import ConfigError, require
 from mre_jax.infer import sampling
 from mre_jax.infer.sizes import SIZE_MULTIPLE, check_size_rule, fit_image, output_size, working_size  # noqa: F401 (edit.working_size)
-from mre_jax.io import checkpointing, export, pretrained
+from mre_jax.io import checkpointing, export, files, pretrained
 
 DEFAULT_SCORES = (5.0, 5.0, 5.0)  # following, preserving, quality: the best (SPEC section 4)
 DEFAULT_REWARD_TEXT = "None; None; None"
@@ -262,14 +262,9 @@ def check_writable(folder: Path, what: str) -> None:
     raise PermissionError(f"{what} {folder} is not writable ({e.strerror or e})") from None
 
 
-def save_image_atomic(image: Image.Image, path: Path) -> None:
-  """Writes to a temporary sibling, then renames: no partial file is ever visible at `path`."""
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    image.save(tmp, format=image_format(path, "output"))
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
+def save_image(image: Image.Image, path: Path) -> None:
+  """In the format of `path`'s extension, atomically (no partial file is ever visible at `path`)."""
+  files.write_image(path, image, image_format(path, "output"))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -385,7 +380,7 @@ def _edit_single(config, settings: Settings) -> dict:
                              scores=[settings.scores], reward_texts=[settings.reward_text], **_sampler_kwargs(settings))
     finally:
       sampling.set_progress_bar(None)
-  save_image_atomic(result, output)
+  save_image(result, output)
   seconds = time.perf_counter() - start
   print(f"wrote {output} ({result.size[0]}x{result.size[1]}, {seconds:.1f} s)")
   return dict(image=str(image_path), instruction=instruction, output=str(output), status="ok", seconds=seconds)
@@ -424,7 +419,7 @@ def _edit_batch(config, settings: Settings) -> list[dict]:
         _run_batch(editor, group, settings, config.batch_size)
         bar.update(len(group))
   records = [r.record for r in requests]
-  checkpointing.write_text_atomic(results_path, "".join(json.dumps(r) + "\n" for r in records))
+  files.write_jsonl(results_path, records)
   failed = sum(r["status"] != "ok" for r in records)
   print(f"{len(records) - failed} of {len(records)} requests edited; results in {results_path}")
   if records and failed == len(records):
@@ -512,7 +507,7 @@ def _run_batch(editor: Editor, group: list[_Request], settings: Settings, batch_
       continue
     try:
       size = output_size(r.image.size, settings.resolution, settings.size_rule)
-      save_image_atomic(to_image(array, size), Path(r.record["output"]))
+      save_image(to_image(array, size), Path(r.record["output"]))
       r.record["seconds"] = round(seconds, 3)
     except (ValueError, OSError) as e:
       r.fail(f"cannot write output: {e}")

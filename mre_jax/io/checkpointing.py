@@ -27,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mre_jax import models, ops
+from mre_jax.io import files
 
 MODEL_FILE = "mre_model.json"
 FROZEN_DIR = "frozen"
@@ -73,7 +74,7 @@ def read_spec(path: str | os.PathLike) -> ModelSpec:
 
 
 def write_spec(path: str | os.PathLike, spec: ModelSpec) -> None:
-  write_text_atomic(Path(path) / MODEL_FILE, json.dumps(spec.to_json(), indent=2))
+  files.write_json(Path(path) / MODEL_FILE, spec.to_json(), indent=2)
 
 
 def frozen_dir(path: str | os.PathLike) -> Path:
@@ -122,20 +123,13 @@ def restore_params(path: str | os.PathLike, *, step: int | None = None, use_ema:
     handler.close()
 
 
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+# ----------------------------------------------------------------------------- atomic folders
+# (files: mre_jax.io.files.write_atomic)
 
 
 def staging_dir(final: str | os.PathLike) -> Path:
   """A fresh sibling folder to build `final` in, renamed into place by `publish`."""
-  final = Path(final).absolute()
-  tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
+  tmp = files.temp_sibling(Path(final).absolute())
   tmp.mkdir(parents=True)
   return tmp
 

@@ -10,10 +10,11 @@
 
 The C++ source is compiled on first use with the system C++ compiler ($CXX, else g++ or c++) for
 this machine (-O3 -march=native) into a cache folder ($MRE_JAX_CACHE, else
-~/.cache/mre_jax), keyed by the source, compiler, flags, jaxlib and CPU; a compile is written to
-a temporary file and renamed, so concurrent processes never load a partial library. Where no
-compiler is found or the build fails, `available()` is False (with a warning naming the reason)
-and callers keep the XLA kernels. Nothing here runs on GPU or TPU.
+~/.cache/mre_jax), keyed by the source, compiler, flags, jaxlib and CPU; a compile goes to a
+temporary folder and into the cache through the atomic file writer (mre_jax.io.files), so
+concurrent processes never load a partial library. Where no compiler is found or the build fails,
+`available()` is False (with a warning naming the reason) and callers keep the XLA kernels.
+Nothing here runs on GPU or TPU.
 
 Under SPMD sharding XLA does not know how to split a custom call, so it gathers the operands
 and runs the whole op on each device: correct, not faster. Training on one CPU device (the case
@@ -36,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+
+from mre_jax.io import files
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +80,13 @@ def build(compiler: str) -> Path:
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-  os.close(fd)
-  try:
-    cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+  with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as build_dir:
+    library = Path(build_dir) / target.name
+    cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(library)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
       raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
-    os.replace(tmp, target)  # atomic: another process sees the whole library or none
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+    files.write_atomic(target, library.read_bytes())  # another process sees the whole library or none
   return target
 
 

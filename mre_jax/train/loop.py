@@ -21,10 +21,10 @@ from mre_jax import models, ops
 from mre_jax.data import latent_cache
 from mre_jax.errors import ConfigError
 from mre_jax.infer import edit
-from mre_jax.io import checkpointing, pretrained
+from mre_jax.io import checkpointing, files, pretrained
 from mre_jax.train import sharding
 from mre_jax.train.precompute import write_latent_cache
-from mre_jax.train.samples import make_sample_grid_fn, write_png
+from mre_jax.train.samples import make_sample_grid_fn
 from mre_jax.train.setup import (build_data, cache_path, initialize_distributed, make_data_iterator, prepare_workdir,
                                  validate)
 from mre_jax.train.trainer import (BATCH_KEYS, DTYPES, TrainState, initial_params, load_frozen, lr_schedule,
@@ -169,7 +169,7 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sa
     if sample_fn is not None and config.sample.every and (step % config.sample.every == 0 or step == config.num_steps):
       grid = sample_fn(state.ema_params, fparams)
       if main_process:
-        write_png(grid, workdir / "samples" / f"step_{step:07d}.png")
+        files.write_image(workdir / "samples" / f"step_{step:07d}.png", grid)
         writer.image("samples", grid, step)
     if step % config.checkpoint.every == 0 or step == config.num_steps or stop.requested:
       _save(manager, state, data_iter)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -67,11 +66,3 @@ def labelled_grid(columns: list[np.ndarray], labels, tile: int) -> np.ndarray:
   for i, label in enumerate(labels):
     draw.text((i * width + 4, 4), label, fill=(0, 0, 0), font=font)
   return np.concatenate([np.asarray(header), body], axis=0)
-
-
-def write_png(image: np.ndarray, path: Path) -> None:
-  from PIL import Image
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  Image.fromarray(image).save(tmp, format="PNG")
-  tmp.replace(path)

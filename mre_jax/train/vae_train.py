@@ -38,7 +38,7 @@ import optax
 
 from mre_jax.data import input_pipeline
 from mre_jax.errors import ConfigError
-from mre_jax.io import checkpointing, export, pretrained, weights
+from mre_jax.io import checkpointing, export, files, pretrained, weights
 from mre_jax.models import tiny
 
 IMAGE_KINDS = ("original", "truth", "edited")  # the images of a synthetic_edit example
@@ -226,6 +226,6 @@ def _finish(config, workdir: Path, vae, vae_cfg: dict, params: Any, train_images
   export.write_component(tmp, {**vae_cfg, "scaling_factor": scaling}, pretrained.vae_state_dict(params),
                          export.UNET_WEIGHTS)
   checkpointing.publish(tmp, workdir / "vae")
-  checkpointing.write_text_atomic(workdir / "vae_eval.json", json.dumps(report, indent=2) + "\n")
+  files.write_json(workdir / "vae_eval.json", report, indent=2)
   print(f"vae step {step} test PSNR (dB): " + ", ".join(f"{k} {v:.2f}" for k, v in report["psnr_db"].items())
         + f"; scaling_factor {scaling:.4f}; wrote {workdir / 'vae'}", flush=True)
