@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 from configs import convert as convert_config
 from configs import export as export_config
 from mre_jax import models, testing
+from mre_jax.data import tokens
 from mre_jax.io import checkpointing, export, pretrained
 from mre_jax.models import tiny
 
@@ -63,7 +64,7 @@ def test_export_loads_in_diffusers_pipeline_and_twin_without_key_mismatch(export
   assert not info["missing_keys"] and not info["unexpected_keys"]
   pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(exported, unet=twin, safety_checker=None)
   text_encoder, text_params = pretrained.load_text_encoder(exported)
-  ids = pretrained.tokenize(pretrained.load_tokenizer(exported), ["None; None; None"])
+  ids = tokens.tokenize(pretrained.load_tokenizer(exported), ["None; None; None"])
   pooled = np.asarray(pretrained.encode_text(text_encoder, text_params, ids)[1])
   twin.set_default_rewards(torch.tensor([5.0, 5.0, 5.0]), torch.tensor(pooled))
   image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mre_jax.data import input_pipeline as ip
+from mre_jax.data import tokens
 
 
 def _coord_image(height, width):
@@ -136,13 +137,6 @@ def test_layout_and_tokenizer_errors():
     next(ip.create_iterator(bad))
 
 
-def test_clip_tokenizer(tmp_path):
-  fn = ip.clip_tokenize_fn(data_fixtures.make_tokenizer(tmp_path / "tok"))
-  ids = fn(["make it red", "None; None; None"])
-  assert ids.shape == (2, 77) and ids.dtype == np.int32
-  assert ids[0, 0] == ids[1, 0] and ids[0, 1] != ids[1, 1]
-
-
 @pytest.fixture(scope="module")
 def synthetic_builder(tmp_path_factory):
   return ip.build_dataset("synthetic_edit", str(tmp_path_factory.mktemp("tfds")), config="tiny")
@@ -157,7 +151,7 @@ def test_synthetic_builder_end_to_end(synthetic_builder, tmp_path):
   again = ip.build_dataset("synthetic_edit", synthetic_builder.data_dir.split("/synthetic_edit")[0],
                            config="tiny")  # Already prepared: reads, does not rebuild.
   assert again.info.splits["train"].num_examples == 64
-  tok = ip.clip_tokenize_fn(data_fixtures.make_tokenizer(tmp_path / "tok"))
+  tok = tokens.tokenize_fn(data_fixtures.make_tokenizer(tmp_path / "tok"))
   it = ip.create_input_iterator(synthetic_builder, "train", global_batch_size=8, crop_size=32,
                                 tokenize_fn=tok, seed=0, process_index=1, process_count=2)
   batch = next(it)

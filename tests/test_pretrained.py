@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from mre_jax.data import tokens
 from mre_jax.io import pretrained, weights
 
 torch = pytest.importorskip("torch")
@@ -21,7 +22,7 @@ def _rel_err(a, b):
 def test_loaded_text_encoder_matches_torch_loading_the_same_folder(tiny_folder):
   module, params = pretrained.load_text_encoder(tiny_folder)
   tokenizer = pretrained.load_tokenizer(tiny_folder)
-  ids = pretrained.tokenize(tokenizer, ["make the sky blue", "None; None; None", ""])
+  ids = tokens.tokenize(tokenizer, ["make the sky blue", "None; None; None", ""])
   assert ids.shape == (3, 77) and ids.dtype == np.int32
   hidden, pooled = pretrained.encode_text(module, params, ids)
   ref = CLIPTextModel.from_pretrained(tiny_folder / "text_encoder").eval()

@@ -189,14 +189,14 @@ def _fixed_batch_loss(workdir, tfds_dir, param_sets) -> list[float]:
   """The training loss of each U-Net params tree on the first 16 training examples, with the
   same noise, timesteps and dropout for all (the mean over 4 draws)."""
   from mre_jax import models
-  from mre_jax.data import input_pipeline
+  from mre_jax.data import input_pipeline, tokens
   from mre_jax.infer import diffusion
   config = _config(tfds_dir)
   spec = checkpointing.read_spec(workdir)
   frozen, fparams = trainer.load_frozen(workdir, np.float32)
   source = input_pipeline.data_source(input_pipeline.build_dataset("synthetic_edit", tfds_dir, config="tiny"), "train")
   batch = input_pipeline.create_dataset(
-      source, global_batch_size=16, crop_size=32, tokenize_fn=input_pipeline.clip_tokenize_fn(frozen.tokenizer),
+      source, global_batch_size=16, crop_size=32, tokenize_fn=tokens.tokenize_fn(frozen.tokenizer),
       seed=0, flip=False, shuffle=False, process_index=0, process_count=1)[0]
   batch = {k: batch[k] for k in trainer.BATCH_KEYS}
   loss_fn = jax.jit(functools.partial(trainer.loss_fn, unet=models.RewardUNet(spec.unet, reward=spec.reward),
@@ -401,7 +401,7 @@ def test_nan_loss_stops_naming_the_step_and_is_not_saved(reference, tfds_dir, tm
 
 
 def test_latent_cache_holds_the_frozen_encoders_outputs_and_trains(tfds_dir, tmp_path):
-  from mre_jax.data import input_pipeline, latent_cache
+  from mre_jax.data import input_pipeline, latent_cache, tokens
   from mre_jax.io import pretrained
   cache = str(tmp_path / "cache")
   precompute.precompute_latents(_config(tfds_dir, **{"data.latent_cache": cache}), str(tmp_path / "encoders"))
@@ -411,7 +411,7 @@ def test_latent_cache_holds_the_frozen_encoders_outputs_and_trains(tfds_dir, tmp
   frozen, fparams = trainer.load_frozen(tmp_path / "encoders", np.float32)
   source = input_pipeline.data_source(input_pipeline.build_dataset("synthetic_edit", tfds_dir, config="tiny"), "train")
   images = input_pipeline.create_dataset(
-      source, global_batch_size=4, crop_size=32, tokenize_fn=input_pipeline.clip_tokenize_fn(frozen.tokenizer),
+      source, global_batch_size=4, crop_size=32, tokenize_fn=tokens.tokenize_fn(frozen.tokenizer),
       seed=0, flip=False, shuffle=False, process_index=0, process_count=1)[0]
   expected = trainer.encode_batch(frozen, fparams, {k: images[k] for k in trainer.BATCH_KEYS})
   cached = latent_cache.CacheSource(cache)
@@ -423,7 +423,7 @@ def test_latent_cache_holds_the_frozen_encoders_outputs_and_trains(tfds_dir, tmp
     # the instruction is one of the example's wordings, fixed in the cache
     wordings = [w.decode() for w in source[i]["instructions"]]
     contexts = pretrained.encode_text(frozen.text_encoder, fparams["text"],
-                                      pretrained.tokenize(frozen.tokenizer, wordings))[0]
+                                      tokens.tokenize(frozen.tokenizer, wordings))[0]
     assert min(np.abs(np.asarray(c) - row["context"]).max() for c in contexts) < 1e-4
   state = loop.train_and_evaluate(_config(tfds_dir, **{"data.latent_cache": cache, "num_steps": 2}),
                                    str(tmp_path / "cached"))

@@ -20,9 +20,10 @@ import grain
 import numpy as np
 from PIL import Image
 
+from mre_jax.data import tokens
+
 DATA_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
 RESIZE_POLICIES = ("short_side", "square")
-TOKEN_LENGTH = 77
 BEST_SCORES = (5.0, 5.0, 5.0)
 BEST_REWARD_TEXTS = ("None", "None", "None")
 
@@ -142,22 +143,11 @@ def tokenize_batch(batch, *, tokenize_fn):
   out = {k: v for k, v in batch.items() if k not in ("instruction", "reward_text")}
   for key, name in (("instruction", "instruction_ids"), ("reward_text", "reward_ids")):
     ids = np.asarray(tokenize_fn([str(t) for t in batch[key]]), np.int32)
-    if ids.shape != (len(batch[key]), TOKEN_LENGTH):
+    if ids.shape != (len(batch[key]), tokens.MAX_LENGTH):
       raise ValueError(f"tokenize_fn returned shape {ids.shape} for {key}, "
-                       f"expected ({len(batch[key])}, {TOKEN_LENGTH})")
+                       f"expected ({len(batch[key])}, {tokens.MAX_LENGTH})")
     out[name] = ids
   return out
-
-
-def clip_tokenize_fn(tokenizer):
-  """texts -> int32 [N, 77] with a CLIP tokenizer: padded to max length, truncated."""
-  return functools.partial(_clip_tokenize, tokenizer)
-
-
-def _clip_tokenize(tokenizer, texts):
-  ids = tokenizer(list(texts), padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
-                  return_tensors="np").input_ids
-  return ids.astype(np.int32)
 
 
 # ------------------------------------------------------------------------ pipeline

@@ -35,6 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from mre_jax import models, ops
+from mre_jax.data import tokens
 from mre_jax.data.images import to_rgb  # the same RGB conversion as the training records
 from mre_jax.errors import ConfigError, require
 from mre_jax.infer import sampling
@@ -126,7 +127,7 @@ def encode_texts(editor: Editor, texts: Sequence[str]) -> tuple[np.ndarray, np.n
     _ENCODE_FNS[key] = jax.jit(lambda params, ids: pretrained.encode_text(module, params, ids))
   for text in dict.fromkeys(texts):
     if text not in editor._text_cache:
-      ids = pretrained.tokenize(editor.tokenizer, [text])
+      ids = tokens.tokenize(editor.tokenizer, [text])
       hidden, pooled = _ENCODE_FNS[key](editor.text_params, ids)
       editor._text_cache[text] = (np.asarray(hidden[0]), np.asarray(pooled[0]))
   return (np.stack([editor._text_cache[t][0] for t in texts]), np.stack([editor._text_cache[t][1] for t in texts]))

@@ -11,19 +11,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mre_jax import models, ops
+from mre_jax.data import tokens
 from mre_jax.io import weights
 
 if TYPE_CHECKING:
   from transformers import CLIPTokenizer
 
-MAX_TOKENS = 77
 VAE_ALIASES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
 _WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors", "model.safetensors",
@@ -146,7 +146,7 @@ def make_text_encoder(config: Mapping[str, Any] | models.CLIPTextConfig, dtype: 
 
 
 def text_encoder_param_shapes(module: models.CLIPTextEncoder) -> dict:
-  ids = jnp.zeros((1, MAX_TOKENS), jnp.int32)
+  ids = jnp.zeros((1, tokens.MAX_LENGTH), jnp.int32)
   return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids))["params"]
 
 
@@ -188,6 +188,7 @@ def encode_text(module: models.CLIPTextEncoder, params: dict, input_ids: jax.Arr
 
 
 def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
+  """The CLIP tokenizer of `<folder>/tokenizer`; texts -> ids with mre_jax.data.tokens.tokenize."""
   # transformers is imported here only: the tokenizer is all this project uses of it
   from transformers import CLIPTokenizer
   return CLIPTokenizer.from_pretrained(str(component_dir(folder, "tokenizer")), local_files_only=True)
@@ -203,12 +204,6 @@ def bpe_byte_symbols() -> list[str]:
   visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
   others = [b for b in range(256) if b not in visible]
   return [chr(b) for b in visible] + [chr(256 + i) for i in range(len(others))]
-
-
-def tokenize(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> np.ndarray:
-  """Texts -> [B, 77] int32 ids, padded to max length and truncated (as SD does)."""
-  return tokenizer(list(texts), padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                   return_tensors="np").input_ids.astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- surgery

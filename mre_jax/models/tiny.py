@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from mre_jax import models
+from mre_jax.data import tokens
 from mre_jax.io import export, pretrained, weights
 
 UNET = models.UNetConfig(
@@ -36,7 +37,7 @@ def text_config(vocab_size: int) -> dict:
   return {
       "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": vocab_size,
       "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-      "max_position_embeddings": pretrained.MAX_TOKENS, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+      "max_position_embeddings": tokens.MAX_LENGTH, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
       "projection_dim": 32, "bos_token_id": vocab_size - 2, "eos_token_id": 2, "pad_token_id": 1,
   }
 
@@ -60,7 +61,7 @@ def write_tokenizer(folder: Path, words=WORDS) -> int:
   (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
   (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
   (folder / "tokenizer_config.json").write_text(json.dumps({
-      "tokenizer_class": "CLIPTokenizer", "model_max_length": pretrained.MAX_TOKENS, "bos_token": "<|startoftext|>",
+      "tokenizer_class": "CLIPTokenizer", "model_max_length": tokens.MAX_LENGTH, "bos_token": "<|startoftext|>",
       "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
       "do_lower_case": True}))
   return len(vocab)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mre_jax import ops
-from mre_jax.data import input_pipeline, latent_cache
+from mre_jax.data import input_pipeline, latent_cache, tokens
 from mre_jax.errors import ConfigError
 from mre_jax.train.setup import build_data, initialize_distributed, prepare_workdir, sync
 from mre_jax.train.trainer import BATCH_KEYS, Frozen, encode_batch, load_frozen
@@ -44,7 +44,7 @@ def write_latent_cache(config, builder, frozen: Frozen, fparams, cache: Path) ->
   data = config.data
   ds = input_pipeline.create_dataset(
       input_pipeline.data_source(builder, data.split), global_batch_size=config.batch_size,
-      crop_size=data.crop_size, tokenize_fn=input_pipeline.clip_tokenize_fn(frozen.tokenizer), seed=config.seed,
+      crop_size=data.crop_size, tokenize_fn=tokens.tokenize_fn(frozen.tokenizer), seed=config.seed,
       resize=data.resize, flip=False, shuffle=False, num_epochs=1)
   encode = jax.jit(functools.partial(encode_batch, frozen))
   fparams = jax.device_put(fparams, jax.local_devices()[0])

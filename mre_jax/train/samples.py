@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mre_jax.data import input_pipeline
+from mre_jax.data import input_pipeline, tokens
 from mre_jax.infer import sampling
 from mre_jax.io import pretrained
 from mre_jax.train.trainer import Frozen
@@ -33,7 +33,7 @@ def _sample_grid(sample_fn, encode, batch, frozen: Frozen, tile: int, ema_params
   upscaled (nearest) to at least `tile` pixels."""
   from mre_jax.infer import sampling
   n = batch["original"].shape[0]
-  best_text = pretrained.tokenize(frozen.tokenizer, ["; ".join(input_pipeline.BEST_REWARD_TEXTS)] * n)
+  best_text = tokens.tokenize(frozen.tokenizer, ["; ".join(input_pipeline.BEST_REWARD_TEXTS)] * n)
   context, _ = encode(fparams["text"], batch["instruction_ids"])
   null_context, _ = encode(fparams["text"], jnp.broadcast_to(fparams["empty_ids"], batch["instruction_ids"].shape))
   _, best = encode(fparams["text"], best_text)

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 
 from mre_jax import ops
-from mre_jax.data import input_pipeline, latent_cache
+from mre_jax.data import input_pipeline, latent_cache, tokens
 from mre_jax.errors import ConfigError
 from mre_jax.io import checkpointing, export
 from mre_jax.models import tiny
@@ -121,7 +121,7 @@ def cache_path(config, workdir: Path) -> str:
 def make_data_iterator(config, frozen: Frozen, workdir: Path, builder):
   """(checkpointable iterator of this process's batches, sample-grid batch)."""
   data = config.data
-  tokenize_fn = input_pipeline.clip_tokenize_fn(frozen.tokenizer)
+  tokenize_fn = tokens.tokenize_fn(frozen.tokenizer)
   cache = cache_path(config, workdir)
   if cache:  # precomputed encoder outputs
     ds = input_pipeline.create_dataset(

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from mre_jax import models, ops
+from mre_jax.data import tokens
 from mre_jax.infer import diffusion, sampling
 from mre_jax.io import checkpointing, export, pretrained
 
@@ -66,7 +67,7 @@ def load_frozen(workdir: Path, dtype, kernels: ops.Kernels = ops.Kernels()) -> t
   text_encoder, text_params = pretrained.load_text_encoder(folder, dtype, kernels)
   tokenizer = pretrained.load_tokenizer(folder)
   frozen = Frozen(vae, text_encoder, tokenizer, float(vae.config.scaling_factor), export.read_scheduler_config(folder))
-  return frozen, {"vae": vae_params, "text": text_params, "empty_ids": pretrained.tokenize(tokenizer, [""])}
+  return frozen, {"vae": vae_params, "text": text_params, "empty_ids": tokens.tokenize(tokenizer, [""])}
 
 
 def lr_schedule(optim) -> optax.Schedule:
