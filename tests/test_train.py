@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -391,13 +392,48 @@ def test_interrupted_save_is_never_picked_up(reference, tmp_path):
   assert checkpointing.restore_params(workdir)[0] == 5
 
 
-def test_nan_loss_stops_naming_the_step_and_is_not_saved(reference, tfds_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("overrides", [
+    {},  # a save every step: each step's metrics come to the host alone
+    # no log step before the end: steps 5 and 6 come to the host together before the save at 6
+    {"num_steps": 8, "checkpoint.every": 2, "log_every": 100},
+])
+def test_nan_loss_stops_naming_the_step_and_is_not_saved(reference, tfds_dir, tmp_path, monkeypatch, overrides):
   workdir = _copy_run(reference[0], tmp_path / "run", last_step=4)
   real_loss = trainer.loss_fn
   monkeypatch.setattr(trainer, "loss_fn", lambda *a, **kw: real_loss(*a, **kw) * np.nan)
   with pytest.raises(FloatingPointError, match="step 5: loss is nan"):
-    loop.train_and_evaluate(_config(tfds_dir), str(workdir))
+    loop.train_and_evaluate(_config(tfds_dir, **overrides), str(workdir))
   assert checkpointing.restore_params(workdir)[0] == 4
+
+
+def test_metrics_reach_the_host_at_log_steps_and_the_grid_is_traced_once(tfds_dir, tmp_path, monkeypatch,
+                                                                         sampler_traces):
+  """log_every=3, one save (at the end), a grid every 2 steps: the step metrics come to the host in
+  two transfers of 3 steps each, and the grid's program is traced at the first of its 3 grids."""
+  real_get, fetched = jax.device_get, []  # the losses of each transfer that holds any
+
+  def device_get(tree):
+    got = real_get(tree)
+    losses = [x for path, x in jax.tree_util.tree_flatten_with_path(got)[0]
+              if jax.tree_util.keystr(path).endswith("['loss']")]
+    if losses:
+      fetched.append(losses)
+    return got
+
+  monkeypatch.setattr(jax, "device_get", device_get)
+  chex.clear_trace_counter()
+  monkeypatch.setattr(samples, "_grid_edits", chex.assert_max_traces(samples._grid_edits, n=1))
+  real_grid, traces = samples._sample_grid, []
+  monkeypatch.setattr(samples, "_sample_grid",
+                      lambda *a: (real_grid(*a), traces.append(sum(sampler_traces.since().values())))[0])
+  loop.train_and_evaluate(_config(tfds_dir, **{"log_every": 3, "checkpoint.every": 6, "sample.every": 2}),
+                          str(tmp_path))
+  assert [len(losses) for losses in fetched] == [3, 3]
+  assert traces == [1, 1, 1], traces  # sampler traces after each grid: one, at the first
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [3, 6]
+  # a line holds the mean over its interval's steps
+  np.testing.assert_allclose([l["loss"] for l in lines], [np.mean(losses) for losses in fetched], rtol=1e-6)
 
 
 def test_latent_cache_holds_the_frozen_encoders_outputs_and_trains(tfds_dir, tmp_path):

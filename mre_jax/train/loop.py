@@ -135,6 +135,14 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
 
 
 def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sample_fn) -> TrainState:
+  """Steps from the state's step to `config.num_steps`; returns the last state.
+
+  The step metrics stay on device until a log step, a checkpoint save or the last step, then come
+  to the host in one transfer. A metrics.jsonl / TensorBoard line at step s holds the step metrics
+  (loss, grad_norm, ema_decay) averaged over the steps since the previous line (this process's
+  steps: a resumed run starts its first interval at the resumed step), `lr` of step s, and
+  `images_per_sec` over that interval.
+  """
   from tqdm import tqdm
   main_process = jax.process_index() == 0
   start = int(jax.device_get(state.step))
@@ -147,40 +155,62 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sa
   stop = _StopFlag()
   rng = jax.random.PRNGKey(config.seed)
   bar = tqdm(total=config.num_steps, initial=start, disable=not main_process, unit="step")
-  t0, images, metrics = time.time(), 0, {}
+  t0, images = time.time(), 0
+  pending, interval, last = [], [], {}  # device metrics not yet fetched; fetched since the last log line
   for step in range(start + 1, config.num_steps + 1):
     local = next(data_iter)
     keys = latent_cache.FIELDS if config.data.latent_cache else BATCH_KEYS
     batch = sharding.global_batch({k: local[k] for k in keys}, mesh)
     state, metrics = step_fn(state, batch, fparams, rng)
-    metrics = jax.device_get(metrics)
-    if not np.isfinite(metrics["loss"]):
-      raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; stopping (this state is not saved)")
+    pending.append((step, metrics))
     images += config.batch_size
-    if step % config.log_every == 0 or step == config.num_steps:
+    log_now = step % config.log_every == 0 or step == config.num_steps
+    stopping = stop.requested  # read once: a SIGTERM between two reads must not skip the save
+    save_now = step % config.checkpoint.every == 0 or step == config.num_steps or stopping
+    if log_now or save_now:  # the host waits here only: a non-finite loss stops the run before a save
+      interval += _fetch_metrics(pending)
+      pending, last = [], interval[-1]
+    if log_now:
       rate = images / max(time.time() - t0, 1e-9)
-      scalars = {**{k: float(v) for k, v in metrics.items()}, "images_per_sec": rate,
-                 "lr": float(lr_schedule(config.optim)(step - 1))}
+      scalars = {**_mean_metrics(interval), "images_per_sec": rate, "lr": float(lr_schedule(config.optim)(step - 1))}
       if writer is not None:
         writer.write(step, scalars)
       bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.1f}")
-      t0, images = time.time(), 0
+      t0, images, interval = time.time(), 0, []
     bar.update(1)
     if sample_fn is not None and config.sample.every and (step % config.sample.every == 0 or step == config.num_steps):
       grid = sample_fn(state.ema_params, fparams)
       if main_process:
         files.write_image(workdir / "samples" / f"step_{step:07d}.png", grid)
         writer.image("samples", grid, step)
-    if step % config.checkpoint.every == 0 or step == config.num_steps or stop.requested:
+    if save_now:
       _save(manager, state, data_iter)
-    if stop.requested:
+    if stopping:
       logging.warning("SIGTERM: saved step %d and stopped", step)
       break
   bar.close()
   if main_process:
     print(f"done: step {int(jax.device_get(state.step))}/{config.num_steps}, "
-          f"loss {float(metrics.get('loss', float('nan'))):.4f}, checkpoints in {workdir / checkpointing.STATE_DIR}")
+          f"loss {float(last.get('loss', float('nan'))):.4f}, checkpoints in {workdir / checkpointing.STATE_DIR}")
   return state
+
+
+def _fetch_metrics(pending: list[tuple[int, dict]]) -> list[dict[str, np.ndarray]]:
+  """Host copies of the metrics of `pending` (step, device metrics) pairs, in one transfer.
+
+  Raises FloatingPointError naming the first step whose loss is NaN or inf: the loop fetches before
+  every save, so no saved state has taken a step with a non-finite loss.
+  """
+  fetched = jax.device_get([metrics for _, metrics in pending])
+  for (step, _), metrics in zip(pending, fetched):
+    if not np.isfinite(metrics["loss"]):
+      raise FloatingPointError(f"step {step}: loss is {metrics['loss']}; stopping (this state is not saved)")
+  return fetched
+
+
+def _mean_metrics(interval: list[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Each step metric (loss, grad_norm, ema_decay: scalars) averaged over the steps of `interval`."""
+  return {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
 
 
 class _MetricWriter:

@@ -20,30 +20,48 @@ GRID_LABELS = ("input", "truth", "target", "edit at 5,5,5", "edit at target's re
 
 
 def make_sample_grid_fn(config, unet, frozen: Frozen, batch):
-  """fn(ema_params, fparams) -> uint8 grid image of `batch` (see `_sample_grid`), built once per run."""
+  """fn(ema_params, fparams) -> uint8 grid image of `batch` (see `_sample_grid`), built once per run.
+
+  The device part of every grid (text encoding and both sets of edits) is one jitted program,
+  `_grid_edits`, traced at the first grid of a run only.
+  """
   spec = sampling.spec_from_scheduler_config(frozen.scheduler_config, "euler_ancestral", config.sample.steps)
   sample_fn = sampling.make_sample_fn(unet, frozen.vae, frozen.scaling_factor, spec)
-  encode = jax.jit(functools.partial(pretrained.encode_text, frozen.text_encoder))
-  return functools.partial(_sample_grid, sample_fn, encode, batch, frozen, config.sample.tile)
+  n = batch["original"].shape[0]
+  inputs = {k: batch[k] for k in ("original", "instruction_ids", "reward_ids", "scores")}
+  inputs["best_ids"] = tokens.tokenize(frozen.tokenizer, ["; ".join(input_pipeline.BEST_REWARD_TEXTS)] * n)
+  inputs["keys"] = sampling.seed_keys(range(n))
+  edits_fn = jax.jit(functools.partial(_grid_edits, sample_fn, frozen.text_encoder))
+  return functools.partial(_sample_grid, edits_fn, inputs, batch, config.sample.tile)
 
 
-def _sample_grid(sample_fn, encode, batch, frozen: Frozen, tile: int, ema_params, fparams) -> np.ndarray:
+def _grid_edits(sample_fn, text_encoder, ema_params, fparams, inputs: dict) -> tuple[jax.Array, jax.Array]:
+  """The edits of a grid: (at (5, 5, 5) and "None; None; None", at the target's own rewards).
+
+  inputs: original float32 [n, H, W, 3] in [-1, 1]; instruction_ids, reward_ids, best_ids (the
+  best reward text) int32 [n, 77]; scores float32 [n, 3]; keys uint32 [n, 2].
+  Returns two float32 [n, H, W, 3] in [0, 1].
+  """
+  encode = functools.partial(pretrained.encode_text, text_encoder, fparams["text"])
+  ids = inputs["instruction_ids"]
+  context, _ = encode(ids)
+  null_context, _ = encode(jnp.broadcast_to(fparams["empty_ids"], ids.shape))
+  _, best = encode(inputs["best_ids"])
+  _, own = encode(inputs["reward_ids"])
+  best_scores = jnp.tile(jnp.asarray(input_pipeline.BEST_SCORES, jnp.float32), (ids.shape[0], 1))
+  cond = sampling.Conditioning(inputs["original"], context, null_context, best_scores, best, inputs["keys"])
+  guidance = jnp.asarray([sampling.TEXT_GUIDANCE, sampling.IMAGE_GUIDANCE], jnp.float32)
+  at_best, _ = sample_fn(ema_params, fparams["vae"], cond, guidance)
+  at_own, _ = sample_fn(ema_params, fparams["vae"], cond._replace(scores=inputs["scores"], reward_embeds=own),
+                        guidance)
+  return at_best, at_own
+
+
+def _sample_grid(edits_fn, inputs: dict, batch, tile: int, ema_params, fparams) -> np.ndarray:
   """uint8 grid: a header row of labels, then per example: input | truth (if the data has it) |
   target | edit at (5, 5, 5) and "None; None; None" | edit at the target's own rewards; tiles
   upscaled (nearest) to at least `tile` pixels."""
-  from mre_jax.infer import sampling
-  n = batch["original"].shape[0]
-  best_text = tokens.tokenize(frozen.tokenizer, ["; ".join(input_pipeline.BEST_REWARD_TEXTS)] * n)
-  context, _ = encode(fparams["text"], batch["instruction_ids"])
-  null_context, _ = encode(fparams["text"], jnp.broadcast_to(fparams["empty_ids"], batch["instruction_ids"].shape))
-  _, best = encode(fparams["text"], best_text)
-  _, own = encode(fparams["text"], batch["reward_ids"])
-  best_scores = np.tile(np.asarray(input_pipeline.BEST_SCORES, np.float32), (n, 1))
-  cond = sampling.Conditioning(batch["original"], context, null_context, best_scores, best,
-                               sampling.seed_keys(range(n)))
-  guidance = np.asarray([sampling.TEXT_GUIDANCE, sampling.IMAGE_GUIDANCE], np.float32)
-  at_best, _ = sample_fn(ema_params, fparams["vae"], cond, guidance)
-  at_own, _ = sample_fn(ema_params, fparams["vae"], cond._replace(scores=batch["scores"], reward_embeds=own), guidance)
+  at_best, at_own = jax.device_get(edits_fn(ema_params, fparams, inputs))
   to01 = lambda x: np.clip(np.asarray(x) / 2 + 0.5, 0, 1)
   columns = [to01(batch["original"])] + ([to01(batch["truth"])] if "truth" in batch else [])
   columns += [to01(batch["edited"]), np.asarray(at_best), np.asarray(at_own)]
