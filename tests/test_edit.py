@@ -156,6 +156,7 @@ def test_second_edit_of_the_same_size_does_not_recompile(checkpoint, photo, tmp_
     (dict(resolution=100), ConfigError, r"config.resolution=100: expected a positive multiple of 64"),
     (dict(resolution=0), ConfigError, r"config.resolution=0"),
     (dict(scheduler="plms"), ConfigError, r"config.scheduler='plms'"),
+    (dict(dtype="float16"), ConfigError, r"config.dtype='float16': expected one of float32, bfloat16"),
     (dict(size_rule="longer"), ConfigError, r"config.size_rule='longer': expected one of release, short_side"),
     (dict(attention="flash"), ConfigError, r"config.attention='flash': expected one of auto, xla, cudnn"),
     (dict(output="nowhere/out.png"), FileNotFoundError, r"config.output=.*nowhere/out.png: folder .* does not exist"),

@@ -86,6 +86,7 @@ def test_the_config_documents_every_field():
     (dict(port=70000), r"config.port=70000: expected an integer in \[0, 65535\]"),
     (dict(steps=200), r"config.steps=200: expected an integer in \[1, 100\]"),
     (dict(scheduler="heun"), r"config.scheduler='heun': expected one of"),
+    (dict(dtype="float16"), r"config.dtype='float16': expected one of float32, bfloat16"),
     (dict(text_guidance=50.0), r"config.text_guidance=50.0: expected a number in \[0, 20\]"),
     (dict(scores=(5.0, 6.0, 5.0)), r"config.scores=.*: every score must be in \[0, 5\]"),
     (dict(max_megapixels=-1.0), r"config.max_megapixels=-1.0: expected a positive number"),

@@ -514,6 +514,7 @@ def test_labelled_grid_upscales_tiles_by_nearest_neighbour():
     ({"optim.lr": -1.0}, "config.optim.lr=-1.0"),
     ({"batch_size": 6, "grad_accum_steps": 4}, "config.batch_size=6 is not divisible"),
     ({"stage": 3}, "config.stage=3"),
+    ({"model.dtype": "float16"}, "config.model.dtype='float16': expected one of float32, bfloat16"),
     ({"model.init": "pretrained", "model.pretrained": "/no/such/folder"}, "config.model.pretrained='/no/such/folder'"),
 ])
 def test_bad_config_fails_before_compiling(override, message, tmp_path):

@@ -35,6 +35,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
+from mre_jax import models
 from mre_jax.data import synthetic
 from mre_jax.errors import ConfigError, require
 from mre_jax.infer import edit, sampling
@@ -118,8 +119,7 @@ def check_config(config) -> Settings:
     raise ConfigError(f"config.resolution={resolution!r}: expected a positive multiple of {SIZE_MULTIPLE}")
   if config.scheduler not in sampling.SCHEDULERS:
     raise ConfigError(f"config.scheduler={config.scheduler!r}: expected one of {', '.join(sampling.SCHEDULERS)}")
-  if config.dtype not in sampling.DTYPES:
-    raise ConfigError(f"config.dtype={config.dtype!r}: expected one of {', '.join(sampling.DTYPES)}")
+  models.parse_dtype(config.dtype, "config.dtype")
   max_steps = _int_field(config, "max_steps", 1)
   if not isinstance(config.reward_text, str):
     raise ConfigError(f"config.reward_text={config.reward_text!r}: expected a string")

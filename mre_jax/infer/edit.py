@@ -81,8 +81,7 @@ def load_editor(path: str | os.PathLike, *, step: int | None = None, use_ema: bo
     kernels: the kernel families of the U-Net, VAE and text encoder (config: attention, conv, norm).
   """
   path = Path(path)
-  if dtype not in sampling.DTYPES:
-    raise ConfigError(f"dtype={dtype!r}: expected one of {', '.join(sampling.DTYPES)}")
+  compute_dtype = models.parse_dtype(dtype, "dtype")
   if checkpointing.is_checkpoint(path):
     spec = checkpointing.read_spec(path)
     step, params = checkpointing.restore_params(path, step=step, use_ema=use_ema)
@@ -98,7 +97,7 @@ def load_editor(path: str | os.PathLike, *, step: int | None = None, use_ema: bo
   check_channels(spec.unet, int(vae_config.get("latent_channels", 4)), str(path))
   text_encoder, text_params = pretrained.load_text_encoder(frozen, kernels=kernels)
   scheduler_config = export.read_scheduler_config(frozen)
-  unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=sampling.DTYPES[dtype], kernels=kernels)
+  unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=compute_dtype, kernels=kernels)
   return Editor(unet, jax.device_put(params), vae, jax.device_put(vae_params),
                 float(vae_config.get("scaling_factor", 0.18215)),
                 text_encoder, jax.device_put(text_params), pretrained.load_tokenizer(frozen), scheduler_config,
@@ -323,8 +322,7 @@ def check_config(config) -> Settings:
   check_size_rule(config.size_rule, "config.size_rule")
   if config.scheduler not in sampling.SCHEDULERS:
     raise ConfigError(f"config.scheduler={config.scheduler!r}: expected one of {', '.join(sampling.SCHEDULERS)}")
-  if config.dtype not in sampling.DTYPES:
-    raise ConfigError(f"config.dtype={config.dtype!r}: expected one of {', '.join(sampling.DTYPES)}")
+  models.parse_dtype(config.dtype, "config.dtype")
   if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or config.batch_size < 1:
     raise ConfigError(f"config.batch_size={config.batch_size!r}: expected an integer >= 1")
   for field in ("text_guidance", "image_guidance"):

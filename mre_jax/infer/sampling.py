@@ -33,7 +33,6 @@ from mre_jax.infer import diffusion
 from mre_jax.io import pretrained
 
 SCHEDULERS = ("euler_ancestral", "euler", "ddim")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TEXT_GUIDANCE = 7.5
 IMAGE_GUIDANCE = 1.5
 

@@ -15,7 +15,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mre_jax.errors import ConfigError
 from mre_jax.ops import conv, dense, norm
+
+# Compute dtypes by their config names (config.dtype, config.model.dtype); parameters stay float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def parse_dtype(name: str, field: str) -> Any:
+  """The compute dtype a config field names; ConfigError naming the field and value otherwise."""
+  if name not in DTYPES:
+    raise ConfigError(f"{field}={name!r}: expected one of {', '.join(DTYPES)}")
+  return DTYPES[name]
 
 
 def gelu(x: jax.Array) -> jax.Array:

@@ -27,7 +27,7 @@ from mre_jax.train.precompute import write_latent_cache
 from mre_jax.train.samples import make_sample_grid_fn
 from mre_jax.train.setup import (build_data, cache_path, initialize_distributed, make_data_iterator, prepare_workdir,
                                  validate)
-from mre_jax.train.trainer import (BATCH_KEYS, DTYPES, TrainState, initial_params, load_frozen, lr_schedule,
+from mre_jax.train.trainer import (BATCH_KEYS, TrainState, initial_params, load_frozen, lr_schedule,
                                    make_optimizer, train_step, training_schedule)
 
 
@@ -80,11 +80,11 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
   spec = dataclasses.replace(spec, kernels=kernels)
   if jax.process_index() == 0 and not checkpointing.is_checkpoint(workdir):
     checkpointing.write_spec(workdir, spec)
-  frozen, fparams = load_frozen(workdir, DTYPES[config.model.dtype], kernels)
+  frozen, fparams = load_frozen(workdir, models.DTYPES[config.model.dtype], kernels)
   vae_config = pretrained.read_config(checkpointing.frozen_dir(workdir) / "vae")
   edit.check_channels(spec.unet, int(vae_config.get("latent_channels", 4)),
                       f"{workdir} (config.model.unet.in_channels / out_channels)")
-  unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=DTYPES[config.model.dtype],
+  unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=models.DTYPES[config.model.dtype],
                            remat=config.model.remat, reward_dropout=config.model.reward_dropout, kernels=kernels)
   tx = make_optimizer(config.optim)
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import jax
 
-from mre_jax import ops
+from mre_jax import models, ops
 from mre_jax.data import input_pipeline, latent_cache, tokens
 from mre_jax.errors import ConfigError
 from mre_jax.io import checkpointing, export
 from mre_jax.models import tiny
-from mre_jax.train.trainer import DTYPES, Frozen
+from mre_jax.train.trainer import Frozen
 
 
 def validate(config, num_devices: int) -> None:
@@ -26,8 +26,7 @@ def validate(config, num_devices: int) -> None:
     raise ConfigError(f"config.num_steps={config.num_steps}: must be >= 1")
   if config.stage not in (1, 2):
     raise ConfigError(f"config.stage={config.stage!r}: expected 1 (InstructPix2Pix) or 2 (MRE)")
-  if config.model.dtype not in DTYPES:
-    raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected one of {sorted(DTYPES)}")
+  models.parse_dtype(config.model.dtype, "config.model.dtype")
   ops.Kernels.from_config(config.model, "config.model")  # a bad kernel name is a ConfigError
   if config.model.init not in ("tiny", "pretrained"):
     raise ConfigError(f"config.model.init={config.model.init!r}: expected 'tiny' or 'pretrained'")

@@ -18,8 +18,6 @@ from mre_jax.data import tokens
 from mre_jax.infer import diffusion, sampling
 from mre_jax.io import checkpointing, export, pretrained
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 @flax.struct.dataclass
 class TrainState:
