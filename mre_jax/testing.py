@@ -17,7 +17,7 @@ from PIL import Image
 
 from mre_jax import models
 from mre_jax.data import records, synthetic
-from mre_jax.eval import judge
+from mre_jax.eval import synthetic_judge
 from mre_jax.io import export, files
 from mre_jax.models import tiny
 
@@ -70,7 +70,7 @@ def write_synthetic_real_edit(root: str, num_photos: int, seed: int = 0, size: i
       entries.append((original, instruction, f"{k:03d}_{i}.png", edit["failures"]))
       truths[f"{name}#{i}"] = truth
   files.write_json(os.path.join(root, "real_edit.json"), listing, indent=1)
-  judge.write_truth_index(os.path.join(root, "truth", "index.json"), entries)
+  synthetic_judge.write_truth_index(os.path.join(root, "truth", "index.json"), entries)
   return {"json": os.path.join(root, "real_edit.json"),
           "truth": os.path.join(root, "truth", "index.json"), "truths": truths}
 
@@ -97,5 +97,5 @@ def write_synthetic_ip2p(root: str, num: int, seed: int = 0, size: int = 64) -> 
     seeds.append([name, [k]])
     examples[name] = ex
   files.write_json(os.path.join(root, "seeds.json"), seeds)
-  judge.write_truth_index(os.path.join(root, "truth", "index.json"), entries)
+  synthetic_judge.write_truth_index(os.path.join(root, "truth", "index.json"), entries)
   return {"truth": os.path.join(root, "truth", "index.json"), "examples": examples}

@@ -11,6 +11,8 @@ import io
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,7 +20,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mre_jax.data import synthetic
 from mre_jax.errors import ConfigError
 from mre_jax.eval import judge
 
@@ -515,24 +516,30 @@ def test_key_from_environment_and_missing_key(tmp_path, monkeypatch):
     judge.OpenAIBackend(judge_cfg("http://127.0.0.1:9/v1", api_key=""))
 
 
-# --------------------------------------------------------------------- synthetic backend
+# ---------------------------------------------------------------------------- backends
 
-def test_synthetic_backend_scores_exactly(tmp_path):
-  ex = synthetic.make_example(4, "test", size=32)
-  Image.fromarray(ex["truth"]).save(tmp_path / "t.png")
-  judge.write_truth_index(str(tmp_path / "index.json"),
-                          [(ex["original"], ex["instruction"], "t.png", ("not done", "half done"))])
-  backend = judge.SyntheticBackend(str(tmp_path / "index.json"))
-  requests = [judge.Request(name, p, ex["instruction"], lambda e=edited: (ex["original"], e), describe=True)
-              for name, edited in (("truth", ex["truth"]), ("none", ex["original"]), ("edited", ex["edited"]))
-              for p in judge.PERSPECTIVES]
-  requests.append(judge.Request("unknown", "following", "other", lambda: (ex["original"], ex["truth"])))
-  with judge.JudgmentCache(str(tmp_path / "c.jsonl")) as cache:
-    results = judge.judge_all(backend, requests, cache)
-  got = {(r["item"], r["perspective"]): r for r in results}
-  assert [got["truth", p]["score"] for p in judge.PERSPECTIVES] == [5.0, 5.0, 5.0]
-  assert got["truth", "following"]["verdict"] == "yes" and got["truth", "following"]["failure"] == "None"
-  assert got["none", "following"]["score"] == 0.0 and got["none", "following"]["verdict"] == "no"
-  assert got["none", "following"]["failure"] == "not done"
-  np.testing.assert_allclose([got["edited", p]["score"] for p in judge.PERSPECTIVES], ex["scores"], atol=1e-3)
-  assert got["unknown", "following"]["status"] == "failed"
+_OPENAI_ONLY = """
+import sys
+from mre_jax.eval import judge
+cfg = judge.judge_config()
+cfg.api_key = "sk-test"
+backend = judge.make_backend(cfg)
+assert type(backend).__name__ == "OpenAIBackend", backend
+loaded = sorted(m for m in sys.modules if m.startswith("mre_jax.data.synthetic") or m == "mre_jax.eval.synthetic_judge")
+assert not loaded, loaded
+"""
+
+
+def test_judging_with_openai_never_imports_the_synthetic_world():
+  out = subprocess.run([sys.executable, "-c", _OPENAI_ONLY], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+
+
+def test_backends_are_found_by_name(tmp_path):
+  with pytest.raises(ConfigError, match="config.judge.backend='gpt': expected one of openai, synthetic"):
+    judge.make_backend(judge_cfg("http://127.0.0.1:9/v1", backend="gpt"))
+  with pytest.raises(ConfigError, match="config.judge.truth is required"):
+    judge.make_backend(judge_cfg("http://127.0.0.1:9/v1", backend="synthetic"))
+  (tmp_path / "index.json").write_text('{"version": 1, "entries": {}}')
+  backend = judge.make_backend(judge_cfg("", backend="synthetic", truth=str(tmp_path / "index.json")))
+  assert backend.name == "synthetic" and backend.needs_source_images

@@ -12,8 +12,10 @@ Backends:
                     (429 with Retry-After, 5xx, timeouts, connection errors) are ours, not the
                     client's (it runs with max_retries=0).
   SyntheticBackend  no API: scores an edit of the synthetic world exactly against its stored
-                    ground truth (mre_jax.data.synthetic.judge) and answers in the same dictionary
-                    form, so the whole path (parsing, cache, tables) runs offline.
+                    ground truth and answers in the same dictionary form, so the whole path
+                    (parsing, cache, tables) runs offline (mre_jax/eval/synthetic_judge.py).
+Backends are found by name in BACKENDS ("module:attribute", imported on demand), so judging with
+OpenAI never imports the synthetic world.
 
 An answer that cannot be read is asked again (the same request plus a reminder of the
 format), up to `max_tries` tries; every try and its raw text stay in the record.
@@ -32,6 +34,7 @@ import base64
 import dataclasses
 import email.utils
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -48,11 +51,15 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from mre_jax.data import records, synthetic
+from mre_jax.data import records
 from mre_jax.errors import ConfigError
-from mre_jax.io import files
 
 PERSPECTIVES = ("following", "preserving", "quality")
+# config.judge.backend -> "module:attribute" of a callable config.judge -> backend (imported when asked for)
+BACKENDS = {
+    "openai": "mre_jax.eval.judge:OpenAIBackend",
+    "synthetic": "mre_jax.eval.synthetic_judge:SyntheticBackend.from_config",
+}
 # ok: parsed answer; unparsed: the model answered, but no try was in the asked form (raws kept);
 # failed: no answer (errors, retries spent); budget_exhausted: not sent, the run's request
 # budget was spent; no_edit: nothing to judge (unreadable photo or edit, bad listing entry).
@@ -457,7 +464,7 @@ def judge_config() -> ml_collections.ConfigDict:
   c.cache = ""  # JSONL cache path; "" -> <workdir>/judge_cache.jsonl
   c.max_tries = 3  # asks per answer while it cannot be read (re-asks add a format reminder); 1: no re-ask
   c.rejudge_unparsed = True  # a rerun re-asks cached answers still unreadable (max_tries more); False: keep them
-  c.truth = ""  # synthetic backend: the truth index JSON (see write_truth_index)
+  c.truth = ""  # synthetic backend: the truth index JSON (see synthetic_judge.write_truth_index)
   c.yes_threshold = 4.0  # synthetic backend: verdict "yes" when the score reaches this
   return c
 
@@ -569,56 +576,6 @@ def _usage(response):
   return getattr(usage, "total_tokens", None) if usage is not None else None
 
 
-def truth_key(original: np.ndarray, instruction: str) -> str:
-  return f"{image_hash(original)} {instruction}"
-
-
-def write_truth_index(path: str, entries) -> None:
-  """Writes the synthetic backend's index of ground truths, atomically.
-
-  entries: iterable of (original uint8 [H, W, 3], instruction, truth path relative to the
-  index's folder, failures: (text when not applied, text when partly applied) or None).
-  """
-  index = {truth_key(o, instr): {"truth": rel, "failures": list(f) if f else None}
-           for o, instr, rel, f in entries}
-  files.write_json(path, {"version": 1, "entries": index}, indent=1, sort_keys=True)
-
-
-class SyntheticBackend:
-  """Offline judge of the synthetic world: exact scores against the stored ground truth."""
-
-  name = "synthetic"
-  model = "synthetic-exact"
-  # It finds the truth by the original's pixels and compares at the truth's size, so callers
-  # send the photo and the edit as they are, not resized as for a VLM.
-  needs_source_images = True
-
-  def __init__(self, truth_path: str, yes_threshold: float = 4.0):
-    index = records.load_source_json(truth_path, "judge", "the synthetic truth index")
-    if not isinstance(index, dict) or not isinstance(index.get("entries"), dict):
-      raise ValueError(f"judge: {truth_path} is not a truth index ({{'entries': {{...}}}})")
-    self.entries, self.root = index["entries"], os.path.dirname(os.path.abspath(truth_path))
-    self.yes_threshold = yes_threshold
-
-  def answer(self, query: Query, budget: Budget):
-    entry = self.entries.get(truth_key(query.original, query.instruction))
-    if entry is None:
-      raise JudgeFailure("failed", f"no ground truth for this original and instruction "
-                         f"{query.instruction!r}")
-    truth = records.load_rgb(records.safe_join(self.root, entry["truth"], "truth"))
-    edited = query.edited
-    if edited.shape != truth.shape:
-      edited = np.asarray(Image.fromarray(edited).resize(truth.shape[1::-1], Image.BICUBIC))
-    measures = synthetic.judge(query.original, truth, edited)
-    texts = synthetic.failure_texts(measures, entry.get("failures") or synthetic.GENERIC_FAILURES)
-    i = PERSPECTIVES.index(query.perspective)
-    score = round(float(measures["scores"][i]), 3)
-    answer = {"verdict": "yes" if score >= self.yes_threshold else "no", "score": score}
-    if query.describe:
-      answer["failure"] = texts[i]
-    return repr(answer), 1, None
-
-
 def check_config(cfg) -> None:
   """The judge fields a backend does not read itself (ConfigError naming field and value)."""
   tries = cfg.max_tries
@@ -627,15 +584,15 @@ def check_config(cfg) -> None:
 
 
 def make_backend(cfg):
-  """The backend config.judge names."""
+  """The backend config.judge names (BACKENDS), made from config.judge."""
   check_config(cfg)
-  if cfg.backend == "openai":
-    return OpenAIBackend(cfg)
-  if cfg.backend == "synthetic":
-    if not cfg.truth:
-      raise ConfigError("config.judge.truth is required for config.judge.backend='synthetic'")
-    return SyntheticBackend(cfg.truth, cfg.yes_threshold)
-  raise ConfigError(f"config.judge.backend={cfg.backend!r}: expected 'openai' or 'synthetic'")
+  if cfg.backend not in BACKENDS:
+    raise ConfigError(f"config.judge.backend={cfg.backend!r}: expected one of {', '.join(BACKENDS)}")
+  module, attribute = BACKENDS[cfg.backend].split(":")
+  factory = importlib.import_module(module)
+  for name in attribute.split("."):
+    factory = getattr(factory, name)
+  return factory(cfg)
 
 
 # ------------------------------------------------------------------------------ judging
