@@ -80,7 +80,7 @@ def test_guidance_one_one_is_the_conditional_branch_alone(editor, pixels, init_n
   cond = sampling.Conditioning(pixels, context, null, scores, reward, sampling.seed_keys([0, 1]))
   other = cond._replace(null_context=np.random.default_rng(2).standard_normal(null.shape).astype(np.float32))
   one = np.ones(2, np.float32)
-  run = lambda c, g: np.asarray(fn(editor.unet_params, editor.vae_params, c, g, init_noise)[0])
+  run = lambda c, g: np.asarray(fn(editor.unet_params, editor.vae_params, c._replace(init_noise=init_noise), g)[0])
   np.testing.assert_allclose(run(cond, one), run(other, one), atol=1e-5)
   assert np.abs(run(cond, np.array([7.5, 1.5])) - run(other, np.array([7.5, 1.5]))).max() > 1e-3
 

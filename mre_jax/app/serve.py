@@ -9,7 +9,7 @@ once for the default steps and scheduler at the square working size before the s
 listens. Everything a visitor moves on the page (reward sliders, reward text, guidance, seed)
 is a traced value of that program; a new steps count, scheduler or working size (another
 aspect ratio) compiles once more and is then cached. Edits go through Gradio's queue one at a
-time (the model holds one device), so concurrent visitors wait their turn and each gets their
+time (one edit holds the devices), so concurrent visitors wait their turn and each gets their
 image; the page shows the queue position and, while an edit runs, its denoising steps.
 
 A visitor's bad input (no image, not an image, an image over `config.max_megapixels`, an empty

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -41,6 +42,7 @@ from mre_jax.errors import ConfigError, require
 from mre_jax.infer import sampling
 from mre_jax.infer.sizes import SIZE_MULTIPLE, check_size_rule, fit_image, output_size, working_size  # noqa: F401 (edit.working_size)
 from mre_jax.io import checkpointing, export, files, pretrained
+from mre_jax.train import sharding
 
 DEFAULT_SCORES = (5.0, 5.0, 5.0)  # following, preserving, quality: the best (SPEC section 4)
 DEFAULT_REWARD_TEXT = "None; None; None"
@@ -52,7 +54,11 @@ MAX_SCORE = 5.0
 
 @dataclasses.dataclass
 class Editor:
-  """Everything an edit needs, loaded once: U-Net, VAE, text encoder, tokenizer, scheduler config."""
+  """Everything an edit needs, loaded once: U-Net, VAE, text encoder, tokenizer, scheduler config.
+
+  Edits run data parallel over `mesh` (default: every local device): the U-Net and VAE params are
+  replicated on it (`load_editor`) and each sampler call splits its batch over it.
+  """
 
   unet: models.RewardUNet
   unet_params: Any
@@ -64,6 +70,7 @@ class Editor:
   tokenizer: Any
   scheduler_config: dict
   source: str
+  mesh: Mesh = dataclasses.field(default_factory=sharding.local_mesh)
   _text_cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
 
@@ -98,10 +105,12 @@ def load_editor(path: str | os.PathLike, *, step: int | None = None, use_ema: bo
   text_encoder, text_params = pretrained.load_text_encoder(frozen, kernels=kernels)
   scheduler_config = export.read_scheduler_config(frozen)
   unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=compute_dtype, kernels=kernels)
-  return Editor(unet, jax.device_put(params), vae, jax.device_put(vae_params),
+  mesh = sharding.local_mesh()
+  replicated = sharding.replicated(mesh)
+  return Editor(unet, jax.device_put(params, replicated), vae, jax.device_put(vae_params, replicated),
                 float(vae_config.get("scaling_factor", 0.18215)),
                 text_encoder, jax.device_put(text_params), pretrained.load_tokenizer(frozen), scheduler_config,
-                source)
+                source, mesh)
 
 
 def check_channels(unet_config, latent_channels: int, where: str) -> None:
@@ -160,13 +169,18 @@ def edit_arrays(editor: Editor, pixels: np.ndarray, instructions: Sequence[str],
 def sample_arrays(editor: Editor, pixels, instructions, *, seeds, scores=None, reward_texts=None, steps=30,
                   scheduler="euler_ancestral", text_guidance=sampling.TEXT_GUIDANCE,
                   image_guidance=sampling.IMAGE_GUIDANCE, init_noise=None) -> tuple[np.ndarray, np.ndarray]:
-  """`edit_arrays` without the check: (images float32 [B, H, W, 3] in [0, 1], finite bool [B])."""
+  """`edit_arrays` without the check: (images float32 [B, H, W, 3] in [0, 1], finite bool [B]).
+
+  The batch is padded to a multiple of the editor's device count and split over its mesh; each
+  example's result depends on its own seed only, so not on the device count.
+  """
   cond = make_conditioning(editor, pixels, instructions, seeds=seeds, scores=scores, reward_texts=reward_texts)
+  if init_noise is not None:
+    cond = cond._replace(init_noise=np.asarray(init_noise, np.float32))
+  cond, batch = sharding.pad_batch(cond, editor.mesh.size)
   guidance = np.asarray([text_guidance, image_guidance], np.float32)
-  images, finite = sampler(editor, steps, scheduler)(
-      editor.unet_params, editor.vae_params, cond, guidance,
-      None if init_noise is None else np.asarray(init_noise, np.float32))
-  return np.asarray(images), np.asarray(finite)
+  images, finite = sampler(editor, steps, scheduler)(editor.unet_params, editor.vae_params, cond, guidance)
+  return np.asarray(images)[:batch], np.asarray(finite)[:batch]
 
 
 def make_conditioning(editor: Editor, pixels, instructions, *, seeds, scores=None,
@@ -183,9 +197,10 @@ def make_conditioning(editor: Editor, pixels, instructions, *, seeds, scores=Non
 
 
 def sampler(editor: Editor, steps: int, scheduler: str):
-  """The editor's jitted sampler (`sampling.make_sample_fn`), shared by every call in this process."""
+  """The editor's jitted sampler (`sampling.make_sample_fn` over `editor.mesh`), shared by every call in this
+  process; its batch must be a multiple of `editor.mesh.size` (`sample_arrays` pads it)."""
   spec = sampling.spec_from_scheduler_config(editor.scheduler_config, scheduler, steps)
-  return sampling.cached_sample_fn(editor.unet, editor.vae, editor.scaling_factor, spec)
+  return sampling.cached_sample_fn(editor.unet, editor.vae, editor.scaling_factor, spec, mesh=editor.mesh)
 
 
 # ----------------------------------------------------------------------------- images

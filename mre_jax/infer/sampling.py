@@ -28,9 +28,11 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from mre_jax.infer import diffusion
 from mre_jax.io import pretrained
+from mre_jax.train import sharding
 
 SCHEDULERS = ("euler_ancestral", "euler", "ddim")
 TEXT_GUIDANCE = 7.5
@@ -109,6 +111,7 @@ class Conditioning(NamedTuple):
   scores: float32 [B, 3] reward scores in [0, 5] (following, preserving, quality).
   reward_embeds: float32 [B, D] CLIP pooled output of the joined reward text.
   keys: uint32 [B, 2] one PRNG key per example (`seed_keys`): results do not depend on batching.
+  init_noise: None (drawn from `keys`) or float32 [B, h, w, C] unit Gaussian initial latents.
   """
 
   images: jax.Array
@@ -117,6 +120,7 @@ class Conditioning(NamedTuple):
   scores: jax.Array
   reward_embeds: jax.Array
   keys: jax.Array
+  init_noise: jax.Array | None = None
 
 
 def seed_keys(seeds) -> np.ndarray:
@@ -202,8 +206,8 @@ def _report_step(step):
     _PROGRESS_BAR[0].update(1)
 
 
-def _sample(unet_params, vae_params, cond: Conditioning, guidance: jax.Array, init_noise: jax.Array | None = None, *,
-            unet, vae, scaling_factor: float, spec: SamplerSpec, progress: bool):
+def _sample(unet_params, vae_params, cond: Conditioning, guidance: jax.Array, *, unet, vae, scaling_factor: float,
+            spec: SamplerSpec, progress: bool):
   """Body of the jitted sampler (see `make_sample_fn`)."""
   TRACES[(spec.scheduler, spec.num_steps, tuple(cond.images.shape))] += 1
   schedule = spec.make_schedule()
@@ -218,8 +222,7 @@ def _sample(unet_params, vae_params, cond: Conditioning, guidance: jax.Array, in
   reward_embeds = jnp.tile(cond.reward_embeds, (3, 1))
   latent_shape = image_latents.shape[1:]  # (h, w, the VAE's latent channels)
 
-  if init_noise is None:
-    init_noise = _normal(cond.keys, 0, latent_shape)
+  init_noise = _normal(cond.keys, 0, latent_shape) if cond.init_noise is None else cond.init_noise
   x = init_noise.astype(jnp.float32) * tables.init_sigma
 
   def body(i, x):
@@ -242,7 +245,8 @@ def _sample(unet_params, vae_params, cond: Conditioning, guidance: jax.Array, in
   return jnp.clip(pixels / 2 + 0.5, 0.0, 1.0), finite
 
 
-def make_sample_fn(unet, vae, scaling_factor: float, spec: SamplerSpec, *, progress: bool = False) -> Callable:
+def make_sample_fn(unet, vae, scaling_factor: float, spec: SamplerSpec, *, progress: bool = False,
+                   mesh: Mesh | None = None) -> Callable:
   """The jitted editing sampler for one model and scheduler setting.
 
   Args:
@@ -251,15 +255,21 @@ def make_sample_fn(unet, vae, scaling_factor: float, spec: SamplerSpec, *, progr
     scaling_factor: the VAE latent scaling factor (SD: 0.18215).
     spec: scheduler and step count.
     progress: call back to the host after every step (see `set_progress_bar`).
+    mesh: None (placement follows the arguments) or a mesh (`sharding.local_mesh`) to split the
+      batch over: params and guidance replicated, `cond` and the outputs split along the batch,
+      whose size must then be a multiple of the mesh's device count (`sharding.pad_batch`).
 
   Returns:
-    fn(unet_params, vae_params, cond: Conditioning, guidance: float32 [2] (g_text, g_image),
-       init_noise: None or float32 [B, h, w, C] unit Gaussian latents (default: drawn from cond.keys))
+    fn(unet_params, vae_params, cond: Conditioning, guidance: float32 [2] (g_text, g_image))
     -> (images float32 [B, H, W, 3] in [0, 1], finite bool [B]: False where the decode held
        NaN or inf before clipping). Compiled once per input shape.
   """
-  return jax.jit(functools.partial(_sample, unet=unet, vae=vae, scaling_factor=float(scaling_factor), spec=spec,
-                                   progress=progress))
+  fn = functools.partial(_sample, unet=unet, vae=vae, scaling_factor=float(scaling_factor), spec=spec,
+                         progress=progress)
+  if mesh is None:
+    return jax.jit(fn)
+  params, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(fn, in_shardings=(params, params, batch, params), out_shardings=(batch, batch))
 
 
 class NonFiniteError(ValueError):
@@ -269,15 +279,16 @@ class NonFiniteError(ValueError):
 _SAMPLE_FNS: dict = {}
 
 
-def cached_sample_fn(unet, vae, scaling_factor: float, spec: SamplerSpec, *, progress: bool = True) -> Callable:
-  """`make_sample_fn`, built once per (U-Net, VAE architecture, spec, progress) in this process.
+def cached_sample_fn(unet, vae, scaling_factor: float, spec: SamplerSpec, *, progress: bool = True,
+                     mesh: Mesh | None = None) -> Callable:
+  """`make_sample_fn`, built once per (U-Net, VAE architecture, spec, progress, mesh) in this process.
 
   Editors loaded twice from the same (or an equal) model share the compiled programs. The VAE
   module is not hashable, so it is keyed by its repr (all of its attributes).
   """
-  key = (unet, repr(vae), float(scaling_factor), spec, progress)
+  key = (unet, repr(vae), float(scaling_factor), spec, progress, mesh)
   if key not in _SAMPLE_FNS:
-    _SAMPLE_FNS[key] = make_sample_fn(unet, vae, scaling_factor, spec, progress=progress)
+    _SAMPLE_FNS[key] = make_sample_fn(unet, vae, scaling_factor, spec, progress=progress, mesh=mesh)
   return _SAMPLE_FNS[key]
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from mre_jax import ops
 from mre_jax.data import input_pipeline, latent_cache, tokens
 from mre_jax.errors import ConfigError
+from mre_jax.train import sharding
 from mre_jax.train.setup import build_data, initialize_distributed, prepare_workdir, sync
 from mre_jax.train.trainer import BATCH_KEYS, Frozen, encode_batch, load_frozen
 
@@ -22,7 +24,7 @@ def precompute_latents(config, workdir: str | None) -> Path:
 
   Writes `config.data.latent_cache` (see latent_cache); training with that field set then runs
   only the U-Net. Images are encoded uncropped-at-random and unflipped; each process encodes
-  its slice on its own devices.
+  its slice, split over all of its devices.
   """
   if not workdir:
     raise ConfigError("--workdir is required: the frozen encoders are read from (or written to) it")
@@ -39,20 +41,27 @@ def precompute_latents(config, workdir: str | None) -> Path:
   return write_latent_cache(config, build_data(config, workdir), frozen, fparams, cache)
 
 
-def write_latent_cache(config, builder, frozen: Frozen, fparams, cache: Path) -> Path:
-  """Encodes `config.data.split` of `builder` with the frozen encoders into `cache`."""
+def write_latent_cache(config, builder, frozen: Frozen, fparams, cache: Path, mesh: Mesh | None = None) -> Path:
+  """Encodes `config.data.split` of `builder` with the frozen encoders into `cache`.
+
+  Data parallel over `mesh` (default: this process's devices, `sharding.local_mesh`): the encoders'
+  params are replicated, each batch is padded to a multiple of the device count and split over them.
+  """
   data = config.data
   ds = input_pipeline.create_dataset(
       input_pipeline.data_source(builder, data.split), global_batch_size=config.batch_size,
       crop_size=data.crop_size, tokenize_fn=tokens.tokenize_fn(frozen.tokenizer), seed=config.seed,
       resize=data.resize, flip=False, shuffle=False, num_epochs=1)
-  encode = jax.jit(functools.partial(encode_batch, frozen))
-  fparams = jax.device_put(fparams, jax.local_devices()[0])
+  mesh = sharding.local_mesh() if mesh is None else mesh
+  split, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  encode = jax.jit(functools.partial(encode_batch, frozen), in_shardings=(replicated, split), out_shardings=split)
+  fparams = jax.device_put(fparams, replicated)
   rows = {f: [] for f in latent_cache.FIELDS}
   for batch in ds:
-    out = jax.device_get(encode(fparams, {k: batch[k] for k in BATCH_KEYS}))
+    padded, size = sharding.pad_batch({k: batch[k] for k in BATCH_KEYS}, mesh.size)
+    out = jax.device_get(encode(fparams, padded))
     for f in latent_cache.FIELDS:
-      rows[f].append(np.asarray(out[f], np.float32))
+      rows[f].append(np.asarray(out[f][:size], np.float32))
   index, count = jax.process_index(), jax.process_count()
   shards = [f"part-{i}-of-{count}" for i in range(count)]
   latent_cache.write_shard(cache, shards[index], {f: np.concatenate(v) for f, v in rows.items()})

@@ -32,6 +32,33 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   return Mesh(grid, BATCH_AXES)
 
 
+def local_mesh() -> Mesh:
+  """A (data, fsdp=1) mesh over this process's devices, for inference and precompute.
+
+  Each process works through its own share of the examples on its own devices, so these jobs need
+  no collective across processes; a batch split over `BATCH_AXES` is split over every local device.
+  """
+  return make_mesh(devices=jax.local_devices())
+
+
+def pad_batch(tree: Any, multiple: int) -> tuple[Any, int]:
+  """Pads every leaf's leading (batch) axis to a multiple of `multiple`; returns (tree, batch size B).
+
+  The padding repeats the last example, so it is valid input; callers drop rows >= B of the outputs.
+  All leaves share one batch size B >= 1 (host arrays; None leaves stay None).
+  """
+  sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(tree)}
+  if len(sizes) != 1 or 0 in sizes:
+    raise ValueError(f"pad_batch: the leaves need one batch size >= 1, got {sorted(sizes)}")
+  batch = sizes.pop()
+  extra = -batch % multiple
+
+  def pad(x):
+    x = np.asarray(x)
+    return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) if extra else x
+  return jax.tree_util.tree_map(pad, tree), batch
+
+
 def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
   """fsdp over the largest evenly divisible dimension of a large array; else replicated."""
   if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
