@@ -166,7 +166,7 @@ def screenshot(url: str, out: str | os.PathLike, *, image: str | None = None, in
   full-page PNG at `out`; returns the page's status line. browser: a running one (`launch_chromium`),
   else Chromium is started and closed here."""
   if browser is None:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # the [app] extra
     with sync_playwright() as playwright:
       browser = launch_chromium(playwright)
       try:

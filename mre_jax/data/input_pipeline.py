@@ -17,7 +17,9 @@ import os
 import sys
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from mre_jax.data import tokens
@@ -154,7 +156,6 @@ def tokenize_batch(batch, *, tokenize_fn):
 
 def _process_layout(global_batch_size, process_index, process_count):
   if process_index is None or process_count is None:
-    import jax  # Only for the defaults; tests pass both explicitly.
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size % process_count:
@@ -215,8 +216,7 @@ def create_iterator(dataset, *, worker_count=0, worker_buffer_size=2, num_thread
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
   ds = dataset.to_iter_dataset(options)
   if worker_count > 0:
-    from absl import flags  # grain's workers read absl flags; outside app.run none are parsed.
-    if not flags.FLAGS.is_parsed():
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run none are parsed
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))

@@ -48,6 +48,7 @@ from typing import Callable
 
 import ml_collections
 import numpy as np
+import openai
 from absl import logging
 from PIL import Image
 
@@ -508,8 +509,6 @@ class OpenAIBackend:
     if not self._key:
       raise ConfigError(f"judge: no API key: set ${cfg.api_key_env} (or config.judge.api_key) "
                         f"for config.judge.backend='openai'")
-    import openai  # Only this backend needs it.
-    self._openai = openai
     self._client = openai.OpenAI(api_key=self._key, base_url=cfg.base_url or None,
                                  timeout=cfg.timeout_s, max_retries=0)
     self._sleep = sleep_fn
@@ -539,7 +538,7 @@ class OpenAIBackend:
             model=self.model, messages=messages, temperature=self.cfg.temperature,
             max_completion_tokens=self.cfg.max_tokens)
         return _content(response), attempts, _usage(response)
-      except self._openai.OpenAIError as e:
+      except openai.OpenAIError as e:
         delay, reason = self._retry_delay(e, attempts)
         if delay is None or attempts > self.cfg.max_retries:
           raise JudgeFailure("failed", _scrub(reason, self._key), attempts) from None
@@ -548,14 +547,13 @@ class OpenAIBackend:
 
   def _retry_delay(self, error, attempts: int):
     """(seconds to wait or None if not retryable, reason) for an openai error."""
-    o = self._openai
     backoff = min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempts - 1))
     backoff *= self._rng.uniform(0.5, 1.0)
-    if isinstance(error, o.APITimeoutError):
+    if isinstance(error, openai.APITimeoutError):
       return backoff, f"timeout after {self.cfg.timeout_s} s"
-    if isinstance(error, o.APIConnectionError):
+    if isinstance(error, openai.APIConnectionError):
       return backoff, f"connection error: {error}"
-    if isinstance(error, o.APIStatusError):
+    if isinstance(error, openai.APIStatusError):
       status = error.status_code
       reason = f"HTTP {status}: {str(error)[:300]}"
       if status in (408, 409, 429) or status >= 500:

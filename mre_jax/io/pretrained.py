@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 
 from mre_jax import models, ops
 from mre_jax.data import tokens
@@ -75,7 +76,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if file.suffix == ".safetensors":
     return _read_safetensors(file)
   try:
-    import torch
+    import torch  # the [torch] extra: only .bin files need it
   except ImportError as e:
     raise ImportError(f"{file}: reading .bin weights needs PyTorch (pip install 'mre_jax[torch]')") from e
   state = torch.load(file, map_location="cpu", weights_only=True)
@@ -83,9 +84,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
   try:
-    return load_file(str(file))
+    return safetensors.numpy.load_file(str(file))
   except Exception as e:  # safetensors raises its own error types
     raise ValueError(f"{file}: cannot read safetensors file: {e}") from e
 
@@ -189,7 +189,7 @@ def encode_text(module: models.CLIPTextEncoder, params: dict, input_ids: jax.Arr
 
 def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
   """The CLIP tokenizer of `<folder>/tokenizer`; texts -> ids with mre_jax.data.tokens.tokenize."""
-  # transformers is imported here only: the tokenizer is all this project uses of it
+  # On use: `import transformers` takes seconds, and the tokenizer is all this project uses of it.
   from transformers import CLIPTokenizer
   return CLIPTokenizer.from_pretrained(str(component_dir(folder, "tokenizer")), local_files_only=True)
 

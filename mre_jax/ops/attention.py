@@ -136,7 +136,8 @@ def _plain(q, k, v, heads, causal):
 
 @functools.cache
 def _splash_kernel(heads: int, t: int, s: int, causal: bool, interpret: bool):
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # Pallas: imported on use
+  # On use: an experimental TPU module, so the other backends never depend on its importing.
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
   shape = (t, s)
   mask = splash.MultiHeadMask([splash.CausalMask(shape) if causal else splash.FullMask(shape)] * heads)
   bq, bkv = _splash_blocks(t, s)

@@ -11,15 +11,18 @@ import signal
 import time
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from tqdm import tqdm
 
 from mre_jax import models, ops
 from mre_jax.data import latent_cache
 from mre_jax.errors import ConfigError
+from mre_jax.eval import synthetic_eval
 from mre_jax.infer import edit
 from mre_jax.io import checkpointing, files, pretrained
 from mre_jax.train import sharding
@@ -36,7 +39,6 @@ def _save(manager, state: TrainState, data_iter) -> None:
   items = dict(params=ocp.args.StandardSave(state.params), ema_params=ocp.args.StandardSave(state.ema_params),
                opt_state=ocp.args.StandardSave(state.opt_state))
   if data_iter is not None:
-    import grain
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -47,7 +49,6 @@ def _restore(manager, abstract: TrainState, data_iter) -> TrainState:
                ema_params=ocp.args.StandardRestore(abstract.ema_params),
                opt_state=ocp.args.StandardRestore(abstract.opt_state))
   if data_iter is not None:
-    import grain
     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   step_array = jax.device_put(np.int32(step), abstract.step.sharding)
@@ -129,7 +130,6 @@ def train_and_evaluate(config, workdir: str | None) -> TrainState:
     manager.wait_until_finished()
     manager.close()
   if config.eval.count and jax.process_index() == 0 and int(jax.device_get(state.step)) == config.num_steps:
-    from mre_jax.eval import synthetic_eval
     synthetic_eval.evaluate_run(config, workdir, builder, config.num_steps)
   return state
 
@@ -143,7 +143,6 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sa
   steps: a resumed run starts its first interval at the resumed step), `lr` of step s, and
   `images_per_sec` over that interval.
   """
-  from tqdm import tqdm
   main_process = jax.process_index() == 0
   start = int(jax.device_get(state.step))
   if start >= config.num_steps:  # a rerun of a finished run: no step to take, no loss to report
@@ -217,7 +216,7 @@ class _MetricWriter:
   """TensorBoard event files (through tf.summary, outside the train step) and metrics.jsonl."""
 
   def __init__(self, workdir: Path):
-    import tensorflow as tf
+    import tensorflow as tf  # on use: TensorFlow stays out of import time and the train step
     self._tf = tf
     self._writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
     self._jsonl = open(workdir / "metrics.jsonl", "a")

@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from mre_jax.data import input_pipeline, tokens
 from mre_jax.infer import sampling
@@ -72,7 +73,6 @@ def _sample_grid(edits_fn, inputs: dict, batch, tile: int, ema_params, fparams) 
 def labelled_grid(columns: list[np.ndarray], labels, tile: int) -> np.ndarray:
   """uint8 [header + n * T, len(columns) * T, 3] from columns of float [n, H, W, 3] in [0, 1]:
   each image upscaled by nearest neighbour to T = H * ceil(tile / H) pixels, one label per column."""
-  from PIL import Image, ImageDraw, ImageFont
   scale = max(1, -(-tile // columns[0].shape[1]))
   up = [np.repeat(np.repeat(np.asarray(c), scale, axis=1), scale, axis=2) for c in columns]
   body = np.concatenate([np.concatenate(list(c), axis=0) for c in up], axis=1)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 
 from mre_jax import models, ops
 from mre_jax.data import input_pipeline, latent_cache, tokens
@@ -81,7 +82,6 @@ def prepare_workdir(config, workdir: Path) -> tuple[checkpointing.ModelSpec, Any
 
 def sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
