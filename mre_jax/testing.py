@@ -22,7 +22,7 @@ from mre_jax.io import export, files
 from mre_jax.models import tiny
 
 
-def write_tiny_model_folder(folder: str | Path, seed: int = 0, unet: models.UNetConfig = tiny.UNET,
+def write_tiny_model_folder(folder: str | os.PathLike, seed: int = 0, unet: models.UNetConfig = tiny.UNET,
                             reward: bool = True) -> Path:
   """A random diffusers-format InstructPix2Pix folder with the tiny architecture."""
   folder = tiny.write_frozen_parts(folder, seed)
@@ -47,55 +47,56 @@ def _scene_with_all_edits(rng, size):
   raise RuntimeError("could not sample a scene that takes all seven edits")
 
 
-def write_synthetic_real_edit(root: str, num_photos: int, seed: int = 0, size: int = 64) -> dict:
+def write_synthetic_real_edit(root: str | os.PathLike, num_photos: int, seed: int = 0, size: int = 64) -> dict:
   """A Real-Edit-format folder from the synthetic world, with exact ground truth.
 
   Writes <root>/real_edit.json, <root>/photo_<k>.png and, for the synthetic judge backend,
-  <root>/truth/<k>_<i>.png and <root>/truth/index.json. Returns {"json", "truth",
+  <root>/truth/<k>_<i>.png and <root>/truth/index.json. Returns {"json", "truth" (paths, str),
   "truths": {item key: truth uint8 [S, S, 3]}}.
   """
+  root = Path(root)
   rng = np.random.default_rng([seed, 7])
   listing, entries, truths = {}, [], {}
-  os.makedirs(os.path.join(root, "truth"), exist_ok=True)
+  (root / "truth").mkdir(parents=True, exist_ok=True)
   for k in range(num_photos):
     original, edits = _scene_with_all_edits(rng, size)
     name = f"photo_{k:03d}.png"
-    Image.fromarray(original).save(os.path.join(root, name))
+    Image.fromarray(original).save(root / name)
     listing[name] = []
     for i, (category, edit) in enumerate(zip(records.CATEGORIES, edits)):
       instruction = edit["instructions"][int(rng.integers(len(edit["instructions"])))]
       listing[name].append(f"{category}. Synthetic {category.lower()} edit: {instruction}")
       truth = synthetic.to_uint8(edit["truth"])
-      Image.fromarray(truth).save(os.path.join(root, "truth", f"{k:03d}_{i}.png"))
+      Image.fromarray(truth).save(root / "truth" / f"{k:03d}_{i}.png")
       entries.append((original, instruction, f"{k:03d}_{i}.png", edit["failures"]))
       truths[f"{name}#{i}"] = truth
-  files.write_json(os.path.join(root, "real_edit.json"), listing, indent=1)
-  synthetic_judge.write_truth_index(os.path.join(root, "truth", "index.json"), entries)
-  return {"json": os.path.join(root, "real_edit.json"),
-          "truth": os.path.join(root, "truth", "index.json"), "truths": truths}
+  files.write_json(root / "real_edit.json", listing, indent=1)
+  synthetic_judge.write_truth_index(root / "truth" / "index.json", entries)
+  return {"json": str(root / "real_edit.json"), "truth": str(root / "truth" / "index.json"), "truths": truths}
 
 
-def write_synthetic_ip2p(root: str, num: int, seed: int = 0, size: int = 64) -> dict:
+def write_synthetic_ip2p(root: str | os.PathLike, num: int, seed: int = 0, size: int = 64) -> dict:
   """An InsPix2Pix-format folder of synthetic examples (PNG, lossless), with ground truth.
 
   Writes <root>/seeds.json, <root>/synth_<k>/prompt.json, <k>_0.png, <k>_1.png and, for the
   synthetic judge backend, <root>/truth/<k>.png and <root>/truth/index.json. Returns
-  {"truth": index path, "examples": {name: synthetic.make_example(...)}}.
+  {"truth": index path (str), "examples": {name: synthetic.make_example(...)}}.
   """
-  os.makedirs(os.path.join(root, "truth"), exist_ok=True)
+  root = Path(root)
+  (root / "truth").mkdir(parents=True, exist_ok=True)
   seeds, entries, examples = [], [], {}
   for k in range(num):
     ex = synthetic.make_example(k, "train", seed=seed, size=size)
     name = f"synth_{k:05d}"
-    folder = os.path.join(root, name)
-    os.makedirs(folder, exist_ok=True)
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate((ex["original"], ex["edited"])):
-      Image.fromarray(np.asarray(img)).save(os.path.join(folder, f"{k}_{i}.png"))
-    files.write_json(os.path.join(folder, "prompt.json"), {"edit": ex["instruction"]})
-    Image.fromarray(ex["truth"]).save(os.path.join(root, "truth", f"{k}.png"))
+      Image.fromarray(np.asarray(img)).save(folder / f"{k}_{i}.png")
+    files.write_json(folder / "prompt.json", {"edit": ex["instruction"]})
+    Image.fromarray(ex["truth"]).save(root / "truth" / f"{k}.png")
     entries.append((ex["original"], ex["instruction"], f"{k}.png", None))
     seeds.append([name, [k]])
     examples[name] = ex
-  files.write_json(os.path.join(root, "seeds.json"), seeds)
-  synthetic_judge.write_truth_index(os.path.join(root, "truth", "index.json"), entries)
-  return {"truth": os.path.join(root, "truth", "index.json"), "examples": examples}
+  files.write_json(root / "seeds.json", seeds)
+  synthetic_judge.write_truth_index(root / "truth" / "index.json", entries)
+  return {"truth": str(root / "truth" / "index.json"), "examples": examples}

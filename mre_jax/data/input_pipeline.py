@@ -13,8 +13,8 @@ with B = global_batch_size // process_count on each process.
 """
 import functools
 import importlib
-import os
 import sys
+from pathlib import Path
 
 import grain
 import jax
@@ -24,7 +24,7 @@ from PIL import Image
 
 from mre_jax.data import tokens
 
-DATA_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
+DATA_ROOT = Path(__file__).absolute().parents[2] / "data"  # the TFDS builders, data/<name>/
 RESIZE_POLICIES = ("short_side", "square")
 BEST_SCORES = (5.0, 5.0, 5.0)
 BEST_REWARD_TEXTS = ("None", "None", "None")
@@ -35,13 +35,13 @@ BEST_REWARD_TEXTS = ("None", "None", "None")
 def builder_class(name):
   """The `Builder` class of data/<name>/<name>_dataset_builder.py (imported once)."""
   module = f"{name}.{name}_dataset_builder"
-  path = os.path.join(DATA_ROOT, name, f"{name}_dataset_builder.py")
+  path = DATA_ROOT / name / f"{name}_dataset_builder.py"
   if module not in sys.modules:
-    if not os.path.exists(path):
+    if not path.exists():
       raise ValueError(f"unknown dataset {name!r}: expected a TFDS builder at {path}")
     # Same module name as `tfds build data/<name>` uses, so TFDS registers it once.
-    if DATA_ROOT not in sys.path:
-      sys.path.append(DATA_ROOT)
+    if str(DATA_ROOT) not in sys.path:
+      sys.path.append(str(DATA_ROOT))
     importlib.import_module(module)
   return sys.modules[module].Builder
 

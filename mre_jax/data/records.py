@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -41,7 +42,7 @@ class BadRecord(Exception):
 
 def require_path(path, builder, what, is_dir=False):
   """Raises FileNotFoundError naming `path` and what it should hold, unless it exists."""
-  ok = os.path.isdir(path) if is_dir else os.path.isfile(path)
+  ok = Path(path).is_dir() if is_dir else Path(path).is_file()
   if not ok:
     kind = "folder" if is_dir else "file"
     raise FileNotFoundError(f"{builder}: expected the {kind} {path}: {what} "
@@ -52,21 +53,20 @@ def require_path(path, builder, what, is_dir=False):
 def safe_join(root, relative, field="path"):
   """root/relative, refusing absolute paths and any `..` that would leave `root`."""
   rel = str(relative)
-  if not rel or os.path.isabs(rel) or rel.startswith(("~", "\\")) or ".." in rel.replace("\\", "/").split("/"):
+  if not rel or Path(rel).is_absolute() or rel.startswith(("~", "\\")) or ".." in rel.replace("\\", "/").split("/"):
     raise BadRecord("unsafe_path", f"{field} {rel!r} must be a relative path inside {root}")
-  path = os.path.realpath(os.path.join(root, rel))
-  if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
+  path = Path(root, rel).resolve()
+  if not path.is_relative_to(Path(root).resolve()):
     raise BadRecord("unsafe_path", f"{field} {rel!r} resolves outside {root}")
-  return path
+  return str(path)
 
 
 def read_json(path, what="JSON"):
   """Parsed JSON; a missing file or bad JSON is a BadRecord naming the file."""
-  if not os.path.isfile(path):
+  if not Path(path).is_file():
     raise BadRecord("missing_file", f"{what} {path} does not exist")
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(Path(path).read_text(encoding="utf-8"))
   except (ValueError, UnicodeDecodeError) as e:
     raise BadRecord("bad_json", f"{path}: {e}") from None
 
@@ -75,24 +75,19 @@ def load_source_json(path, builder, what):
   """Like read_json for a whole source file: errors are fatal (FileNotFoundError/ValueError)."""
   require_path(path, builder, what)
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(Path(path).read_text(encoding="utf-8"))
   except (ValueError, UnicodeDecodeError) as e:
     raise ValueError(f"{builder}: {path} is not valid JSON ({what}): {e}") from None
 
 
 # ---------------------------------------------------------------------------- images
 
-
-
 def _decode(source, what):
   """(file bytes, loaded PIL image, name) of a path or bytes; BadRecord if unreadable."""
   if isinstance(source, (str, os.PathLike)):
-    if not os.path.isfile(source):
+    if not Path(source).is_file():
       raise BadRecord("missing_file", f"{what} {source} does not exist")
-    name = str(source)
-    with open(source, "rb") as f:
-      data = f.read()
+    name, data = str(source), Path(source).read_bytes()
   else:
     name, data = what, bytes(source or b"")
   try:
@@ -144,9 +139,9 @@ def upscale_to(img, min_side):
 def find_image(folder, stem):
   """folder/stem.<jpg|jpeg|png|webp>, the first that exists in that fixed order, or None."""
   for ext in IMAGE_EXTENSIONS:
-    path = os.path.join(folder, stem + ext)
-    if os.path.isfile(path):
-      return path
+    path = Path(folder, stem + ext)
+    if path.is_file():
+      return str(path)
   return None
 
 

@@ -44,6 +44,7 @@ import re
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 from typing import Callable
 
 import ml_collections
@@ -378,16 +379,16 @@ class JudgmentCache:
   answer in flight; a torn last line is skipped on load (and sealed by the next append).
   """
 
-  def __init__(self, path: str):
-    self.path = path
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
     self._lock = threading.Lock()
     self._file = None
     self._entries, self.torn = self._load()
 
   def _load(self):
     entries, torn = {}, 0
-    if os.path.isfile(self.path):
-      with open(self.path, encoding="utf-8", errors="replace") as f:
+    if self.path.is_file():
+      with self.path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
           try:
             row = json.loads(line)
@@ -416,13 +417,13 @@ class JudgmentCache:
       self._entries[key] = judgment
 
   def _open(self):
-    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    self.path.absolute().parent.mkdir(parents=True, exist_ok=True)
     sealed = True
-    if os.path.isfile(self.path) and os.path.getsize(self.path) > 0:
-      with open(self.path, "rb") as f:
+    if self.path.is_file() and self.path.stat().st_size > 0:
+      with self.path.open("rb") as f:
         f.seek(-1, os.SEEK_END)
         sealed = f.read(1) == b"\n"
-    f = open(self.path, "a", encoding="utf-8")
+    f = self.path.open("a", encoding="utf-8")
     if not sealed:
       f.write("\n")
     return f
@@ -691,12 +692,12 @@ def judge_all(backend, requests: list, cache: JudgmentCache, *, concurrency: int
   return results
 
 
-def judge_with_config(cfg, workdir: str, requests: list, backend=None) -> list:
+def judge_with_config(cfg, workdir: str | os.PathLike, requests: list, backend=None) -> list:
   """Judges `requests` as config.judge says, through its cache (default in `workdir`)."""
   check_config(cfg)
   backend = backend or make_backend(cfg)
   budget = Budget(cfg.max_requests)
-  with JudgmentCache(cfg.cache or os.path.join(workdir, "judge_cache.jsonl")) as cache:
+  with JudgmentCache(cfg.cache or Path(workdir) / "judge_cache.jsonl") as cache:
     results = judge_all(backend, requests, cache, concurrency=cfg.concurrency, budget=budget,
                         rejudge_unparsed=cfg.rejudge_unparsed, max_tries=cfg.max_tries)
   logging.info("requests sent: %d; judgments by status: %s; %s", budget.used,

@@ -25,6 +25,7 @@ OUT/
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +173,7 @@ def table_markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def run_study(config, workdir: str | None) -> dict:
+def run_study(config, workdir: str | os.PathLike | None) -> dict:
   """Job: trains, edits, judges and reports (see the module docstring); resumes from `workdir`."""
   if not workdir:
     raise ConfigError("--workdir is required: models, edits and the report are written there")

@@ -10,6 +10,7 @@ asks for it: judging with OpenAI never loads the synthetic world.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -44,11 +45,11 @@ class SyntheticBackend:
   # send the photo and the edit as they are, not resized as for a VLM.
   needs_source_images = True
 
-  def __init__(self, truth_path: str, yes_threshold: float = 4.0):
+  def __init__(self, truth_path: str | os.PathLike, yes_threshold: float = 4.0):
     index = records.load_source_json(truth_path, "judge", "the synthetic truth index")
     if not isinstance(index, dict) or not isinstance(index.get("entries"), dict):
       raise ValueError(f"judge: {truth_path} is not a truth index ({{'entries': {{...}}}})")
-    self.entries, self.root = index["entries"], os.path.dirname(os.path.abspath(truth_path))
+    self.entries, self.root = index["entries"], Path(truth_path).absolute().parent
     self.yes_threshold = yes_threshold
 
   @classmethod

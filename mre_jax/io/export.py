@@ -1,10 +1,12 @@
 """Weight interchange with the PyTorch world: diffusers folders <-> project checkpoints.
 
-- `convert`: a diffusers-format folder (SD 1.5, timbrooks/instruct-pix2pix, the release's
-  stage-1/stage-2 folders) -> a project checkpoint (see `checkpointing`).
-- `export`: a project checkpoint -> a diffusers-format folder that
+- `unet_from_diffusers` + `write_checkpoint`: a diffusers-format folder (SD 1.5,
+  timbrooks/instruct-pix2pix, the release's stage-1/stage-2 folders) -> a project checkpoint
+  (see `checkpointing`); the `convert` job (mre_jax/jobs/convert.py).
+- `write_diffusers_folder`: a project checkpoint's U-Net params -> a diffusers-format folder that
   `StableDiffusionInstructPix2PixPipeline.from_pretrained` accepts and whose `unet/` loads into
-  the release's U-Net class (or `torch_twin.MRERewardUNet`) with no missing or unexpected keys.
+  the release's U-Net class (or `torch_twin.MRERewardUNet`) with no missing or unexpected keys;
+  the `export` job (mre_jax/jobs/export.py).
 
 Both build their output in a temporary sibling folder and rename it into place at the end.
 """
@@ -19,11 +21,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 from safetensors.numpy import save_file
 
 from mre_jax import models
-from mre_jax.errors import ConfigError, require
 from mre_jax.io import checkpointing, pretrained, weights
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -128,58 +128,34 @@ def copy_frozen_parts(source: str | os.PathLike, target: Path) -> None:
     (target / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
 
 
-def write_diffusers_folder(target: Path, spec: checkpointing.ModelSpec, unet_params: Any, frozen: Path) -> None:
-  """A complete diffusers InstructPix2Pix folder in `target` (which must exist and be empty)."""
-  write_component(target / "unet", {**spec.unet.to_diffusers(), "_diffusers_version": DIFFUSERS_VERSION},
-                  unet_state_dict(unet_params), UNET_WEIGHTS)
-  copy_frozen_parts(frozen, target)
-  (target / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+def write_diffusers_folder(target: str | os.PathLike, spec: checkpointing.ModelSpec, unet_params: Any,
+                           frozen: str | os.PathLike) -> None:
+  """A complete diffusers InstructPix2Pix folder at `target`: the U-Net from `spec` and `unet_params`, the
+  frozen parts copied from the diffusers folder `frozen`. Built in a staging sibling and renamed into place
+  (replacing what was at `target`) only when complete."""
+  tmp = checkpointing.staging_dir(target)
+  try:
+    write_component(tmp / "unet", {**spec.unet.to_diffusers(), "_diffusers_version": DIFFUSERS_VERSION},
+                    unet_state_dict(unet_params), UNET_WEIGHTS)
+    copy_frozen_parts(frozen, tmp)
+    (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    checkpointing.publish(tmp, target)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- jobs
-
-
-def convert(config, workdir: str | None) -> Path:
-  """Job: diffusers folder `config.source` -> project checkpoint in `workdir`."""
-  source = Path(require(config, "source"))
-  if not workdir:
-    raise ConfigError("--workdir is required: the project checkpoint is written there")
-  if config.reward not in ("auto", "on", "off"):
-    raise ConfigError(f"config.reward={config.reward!r}: expected 'auto', 'on' or 'off'")
-  if not source.is_dir():
-    raise FileNotFoundError(f"config.source={source}: not a folder (expected a diffusers-format model folder "
-                            "with unet/, vae/, text_encoder/, tokenizer/)")
-  checkpointing.check_output_dir(workdir, config.overwrite, "workdir")
-  reward = {"auto": None, "on": True, "off": False}[config.reward]
-  spec, params = unet_from_diffusers(source, reward=reward, in_channels=config.in_channels, seed=config.seed)
-  tmp = checkpointing.staging_dir(workdir)
+def write_checkpoint(target: str | os.PathLike, spec: checkpointing.ModelSpec, params: Any,
+                     source: str | os.PathLike) -> None:
+  """A project checkpoint at `target`: `params` saved as step 0 (raw and EMA params alike), `spec`, and
+  the frozen parts of the diffusers folder `source`. Staged and renamed into place like
+  `write_diffusers_folder`."""
+  tmp = checkpointing.staging_dir(target)
   try:
     copy_frozen_parts(source, checkpointing.frozen_dir(tmp))
     manager = checkpointing.make_manager(tmp)
     checkpointing.save_params(manager, 0, params, params)
     manager.close()
     checkpointing.write_spec(tmp, spec)
-    checkpointing.publish(tmp, workdir)
+    checkpointing.publish(tmp, target)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  logging.info("converted %s -> %s (reward=%s, in_channels=%d)", source, workdir, spec.reward, spec.unet.in_channels)
-  print(f"wrote project checkpoint {workdir} (reward modules: {'on' if spec.reward else 'off'})")
-  return Path(workdir)
-
-
-def export(config, workdir: str | None = None) -> Path:
-  """Job: project checkpoint `config.checkpoint` -> diffusers folder `config.output_dir`."""
-  del workdir  # export writes only to output_dir
-  ckpt = Path(require(config, "checkpoint"))
-  output_dir = Path(require(config, "output_dir"))
-  spec = checkpointing.read_spec(ckpt)
-  checkpointing.check_output_dir(output_dir, config.overwrite, "output_dir")
-  step, params = checkpointing.restore_params(ckpt, step=config.step, use_ema=config.use_ema)
-  tmp = checkpointing.staging_dir(output_dir)
-  try:
-    write_diffusers_folder(tmp, spec, params, checkpointing.frozen_dir(ckpt))
-    checkpointing.publish(tmp, output_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  print(f"exported step {step} ({'EMA' if config.use_ema else 'raw'} params) of {ckpt} -> {output_dir}")
-  return output_dir

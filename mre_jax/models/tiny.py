@@ -8,8 +8,10 @@ merges for common edit words.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 from mre_jax import models
 from mre_jax.data import tokens
@@ -42,8 +44,9 @@ def text_config(vocab_size: int) -> dict:
   }
 
 
-def write_tokenizer(folder: Path, words=WORDS) -> int:
+def write_tokenizer(folder: str | os.PathLike, words: Iterable[str] = WORDS) -> int:
   """A CLIP BPE tokenizer in `folder`; returns its vocabulary size (end-of-text has the top id)."""
+  folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   chars = pretrained.bpe_byte_symbols()
   vocab = chars + [c + "</w>" for c in chars]
@@ -83,7 +86,7 @@ def vae_folder(name: str) -> Path | None:
   return folder
 
 
-def write_frozen_parts(folder: str | Path, seed: int = 0, vae: str = "", scheduler: dict | None = None) -> Path:
+def write_frozen_parts(folder: str | os.PathLike, seed: int = 0, vae: str = "", scheduler: dict | None = None) -> Path:
   """Tiny tokenizer/, text_encoder/ (random) and scheduler/ in diffusers format, and vae/:
   random tiny, or copied from `vae` (see `vae_folder`). `scheduler`: keys of SD 1.5's scheduler
   config (export.SCHEDULER_CONFIG) to change, for example the beta schedule."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ class _StopFlag:
     self.requested = True
 
 
-def train_and_evaluate(config, workdir: str | None) -> TrainState:
+def train_and_evaluate(config, workdir: str | os.PathLike | None) -> TrainState:
   """Job: trains `config.num_steps` optimiser steps, resuming from `workdir` if it holds a run."""
   if not workdir:
     raise ConfigError("--workdir is required: checkpoints, logs and samples are written there")

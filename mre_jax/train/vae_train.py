@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,7 @@ def psnr_by_kind(scores: np.ndarray) -> dict[str, float]:
   return out
 
 
-def train_vae(config, workdir: str | None) -> Path:
+def train_vae(config, workdir: str | os.PathLike | None) -> Path:
   """Job: trains the VAE and writes `<workdir>/vae` (diffusers format) and `vae_eval.json`."""
   if not workdir:
     raise ConfigError("--workdir is required: the VAE and its evaluation are written there")
