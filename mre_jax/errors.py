@@ -1,13 +1,17 @@
 """Errors a user can cause, shared by every job (main.py maps them to exit codes)."""
 
+from __future__ import annotations
+
 from typing import Any
+
+import ml_collections
 
 
 class ConfigError(ValueError):
   """A missing or invalid config field: main.py prints one line and exits with code 2."""
 
 
-def require(config, field: str) -> Any:
+def require(config: ml_collections.ConfigDict, field: str) -> Any:
   """`config.<field>`, which must be set (not None or "")."""
   value = config.get(field)
   if value in (None, ""):

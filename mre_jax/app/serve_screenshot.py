@@ -23,10 +23,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from mre_jax.app.serve import URL_LINE
 from mre_jax.io import files
+
+if TYPE_CHECKING:
+  from playwright.sync_api import Browser, Page, Playwright
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -83,14 +86,14 @@ def running_server(checkpoint: str | os.PathLike, overrides: Sequence[str] = (),
 # ----------------------------------------------------------------------------- the browser
 
 
-def launch_chromium(playwright):
+def launch_chromium(playwright: Playwright) -> Browser:
   """Debian's Chromium, headless, through Playwright (`playwright.sync_api.sync_playwright()`)."""
   if not Path(CHROMIUM).exists():
     raise FileNotFoundError(f"{CHROMIUM}: missing; install Debian's chromium (apt-get install chromium)")
   return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
-def open_page(browser, url: str):
+def open_page(browser: Browser, url: str) -> Page:
   """A new page (own context: own Gradio session) showing the editor; requests off this
   machine are aborted (the page needs none)."""
   context = browser.new_context(viewport=VIEWPORT)
@@ -103,18 +106,18 @@ def open_page(browser, url: str):
   return page
 
 
-def upload(page, path: str | os.PathLike) -> None:
+def upload(page: Page, path: str | os.PathLike) -> None:
   """Uploads a file into the input image and waits until the page shows it (by its file name)."""
   page.locator("#input_image input[type=file]").set_input_files(str(path))
   page.wait_for_function("""name => { const i = document.querySelector('#input_image img');
       return i && decodeURIComponent(i.src).endsWith('/' + name); }""", arg=Path(path).name, timeout=30_000)
 
 
-def set_instruction(page, text: str) -> None:
+def set_instruction(page: Page, text: str) -> None:
   page.locator("#instruction textarea").fill(text)
 
 
-def set_number(page, elem_id: str, value: float) -> None:
+def set_number(page: Page, elem_id: str, value: float) -> None:
   """Sets a slider (or number box) by typing into its number input."""
   box = page.locator(f"#{elem_id} input[type=number]")
   box.fill(str(value))
@@ -124,18 +127,18 @@ def set_number(page, elem_id: str, value: float) -> None:
 STATUS = "#status [data-testid=markdown]"  # the status line's text (not Gradio's progress overlay)
 
 
-def status(page) -> str:
+def status(page: Page) -> str:
   return page.locator(STATUS).inner_text().strip()
 
 
-def result_info(page) -> dict | None:
+def result_info(page: Page) -> dict | None:
   """{"src", "width", "height"} of the loaded result image, or None."""
   return page.evaluate("""() => { const i = document.querySelector('#result img');
       return i && i.complete && i.naturalWidth ? {src: i.src, width: i.naturalWidth, height: i.naturalHeight}
                                                : null; }""")
 
 
-def click_edit(page, *, timeout: float = 120.0) -> str:
+def click_edit(page: Page, *, timeout: float = 120.0) -> str:
   """Clicks Edit and waits until the edit is over; returns the status line ("Edited: ..." or
   "Error: ..."). A result image, if any, is loaded when this returns."""
   before = page.locator(STATUS).inner_html()
@@ -143,7 +146,7 @@ def click_edit(page, *, timeout: float = 120.0) -> str:
   return wait_for_status_change(page, before, timeout)
 
 
-def wait_for_status_change(page, before_html: str, timeout: float = 120.0) -> str:
+def wait_for_status_change(page: Page, before_html: str, timeout: float = 120.0) -> str:
   """Waits until the status line differs from `before_html` (the edit is over)."""
   # Every status line names its request number, so even a repeated message is a change.
   page.wait_for_function(
@@ -161,7 +164,7 @@ def wait_for_status_change(page, before_html: str, timeout: float = 120.0) -> st
 
 
 def screenshot(url: str, out: str | os.PathLike, *, image: str | None = None, instruction: str | None = None,
-               example: int = 0, browser=None) -> str:
+               example: int = 0, browser: Browser | None = None) -> str:
   """Opens the page, makes one edit (an uploaded image, or gallery example `example`) and saves a
   full-page PNG at `out`; returns the page's status line. browser: a running one (`launch_chromium`),
   else Chromium is started and closed here."""

@@ -11,10 +11,14 @@ A batch is a dict of numpy arrays (no strings reach the device):
   scores: float32 [B, 3] in [0, 5]
 with B = global_batch_size // process_count on each process.
 """
+
+from __future__ import annotations
+
 import functools
 import importlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import grain
 import jax
@@ -24,6 +28,12 @@ from PIL import Image
 
 from mre_jax.data import tokens
 
+if TYPE_CHECKING:
+  import tensorflow_datasets as tfds
+
+Example = dict[str, Any]  # a decoded TFDS example, or one prepared for batching
+TokenizeFn = Callable[[Sequence[str]], np.ndarray]  # texts -> int32 ids [N, 77] (tokens.tokenize_fn)
+
 DATA_ROOT = Path(__file__).absolute().parents[2] / "data"  # the TFDS builders, data/<name>/
 RESIZE_POLICIES = ("short_side", "square")
 BEST_SCORES = (5.0, 5.0, 5.0)
@@ -32,7 +42,7 @@ BEST_REWARD_TEXTS = ("None", "None", "None")
 
 # ------------------------------------------------------------------------ builders
 
-def builder_class(name):
+def builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
   """The `Builder` class of data/<name>/<name>_dataset_builder.py (imported once)."""
   module = f"{name}.{name}_dataset_builder"
   path = DATA_ROOT / name / f"{name}_dataset_builder.py"
@@ -46,7 +56,8 @@ def builder_class(name):
   return sys.modules[module].Builder
 
 
-def build_dataset(name, data_dir, manual_dir=None, **builder_kwargs):
+def build_dataset(name: str, data_dir: str, manual_dir: str | None = None,
+                  **builder_kwargs: Any) -> tfds.core.DatasetBuilder:
   """A prepared TFDS builder for data/<name>, built into `data_dir` on first use.
 
   Args:
@@ -62,7 +73,7 @@ def build_dataset(name, data_dir, manual_dir=None, **builder_kwargs):
   return builder
 
 
-def data_source(builder, split):
+def data_source(builder: tfds.core.DatasetBuilder, split: str) -> grain.sources.RandomAccessDataSource:
   """Random-access source of decoded examples (dicts of numpy / bytes) for one split."""
   return builder.as_data_source(split=split)
 
@@ -73,7 +84,8 @@ def _text(value):
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def resized_shape(height, width, crop_size, resize="short_side", resize_size=None):
+def resized_shape(height: int, width: int, crop_size: int, resize: str = "short_side",
+                  resize_size: int | None = None) -> tuple[int, int]:
   """(H, W) to resize to before the crop: the short side to `resize_size` (default the
   crop size), keeping the aspect ratio; or ("square") both sides to the crop size."""
   if resize not in RESIZE_POLICIES:
@@ -93,7 +105,8 @@ def _resize(img, shape):
   return np.asarray(Image.fromarray(img).resize((shape[1], shape[0]), Image.BICUBIC))
 
 
-def augment_images(images, rng, *, crop_size, resize="short_side", resize_size=None, flip=True):
+def augment_images(images: Sequence[np.ndarray], rng: np.random.Generator, *, crop_size: int,
+                   resize: str = "short_side", resize_size: int | None = None, flip: bool = True) -> list[np.ndarray]:
   """The same resize, random crop and horizontal flip applied to every image.
 
   Args:
@@ -116,8 +129,8 @@ def augment_images(images, rng, *, crop_size, resize="short_side", resize_size=N
   return out
 
 
-def prepare_example(example, rng, *, crop_size, resize="short_side", resize_size=None,
-                    flip=True, keep_truth=False):
+def prepare_example(example: Example, rng: np.random.Generator, *, crop_size: int, resize: str = "short_side",
+                    resize_size: int | None = None, flip: bool = True, keep_truth: bool = False) -> Example:
   """A decoded TFDS example -> augmented images, one instruction, the reward.
 
   Examples without rewards (InstructPix2Pix) get the best reward (5, 5, 5; "None; ...").
@@ -140,7 +153,7 @@ def prepare_example(example, rng, *, crop_size, resize="short_side", resize_size
   return out
 
 
-def tokenize_batch(batch, *, tokenize_fn):
+def tokenize_batch(batch: dict[str, Any], *, tokenize_fn: TokenizeFn) -> dict[str, np.ndarray]:
   """Replaces the text fields of a batch by token ids: instruction_ids, reward_ids [B, 77]."""
   out = {k: v for k, v in batch.items() if k not in ("instruction", "reward_text")}
   for key, name in (("instruction", "instruction_ids"), ("reward_text", "reward_ids")):
@@ -166,10 +179,12 @@ def _process_layout(global_batch_size, process_index, process_count):
   return process_index, process_count
 
 
-def create_dataset(source, *, global_batch_size, crop_size=None, tokenize_fn=None, seed,
-                   resize="short_side", resize_size=None, flip=True, shuffle=True,
-                   num_epochs=None, process_index=None, process_count=None, keep_truth=False,
-                   prepare_fn=None):
+def create_dataset(source: grain.sources.RandomAccessDataSource, *, global_batch_size: int,
+                   crop_size: int | None = None, tokenize_fn: TokenizeFn | None = None,
+                   seed: int, resize: str = "short_side", resize_size: int | None = None, flip: bool = True,
+                   shuffle: bool = True, num_epochs: int | None = None, process_index: int | None = None,
+                   process_count: int | None = None, keep_truth: bool = False,
+                   prepare_fn: Callable[[Example, np.random.Generator], Example] | None = None) -> grain.MapDataset:
   """A grain MapDataset of this process's batches.
 
   The record order is one global shuffle per epoch (by `seed`); global batch i holds the
@@ -206,8 +221,8 @@ def create_dataset(source, *, global_batch_size, crop_size=None, tokenize_fn=Non
   return ds.map(functools.partial(tokenize_batch, tokenize_fn=tokenize_fn))
 
 
-def create_iterator(dataset, *, worker_count=0, worker_buffer_size=2, num_threads=4,
-                    prefetch_buffer_size=8):
+def create_iterator(dataset: grain.MapDataset, *, worker_count: int = 0, worker_buffer_size: int = 2,
+                    num_threads: int = 4, prefetch_buffer_size: int = 8) -> grain.DatasetIterator:
   """A checkpointable iterator over `dataset` (`get_state()` / `set_state()`).
 
   worker_count > 0 reads in that many processes (each prefetching `worker_buffer_size`
@@ -223,8 +238,9 @@ def create_iterator(dataset, *, worker_count=0, worker_buffer_size=2, num_thread
   return iter(ds)
 
 
-def create_input_iterator(builder, split, *, global_batch_size, crop_size, tokenize_fn, seed,
-                          worker_count=0, prefetch_buffer_size=8, **dataset_kwargs):
+def create_input_iterator(builder: tfds.core.DatasetBuilder, split: str, *, global_batch_size: int, crop_size: int,
+                          tokenize_fn: TokenizeFn, seed: int, worker_count: int = 0,
+                          prefetch_buffer_size: int = 8, **dataset_kwargs: Any) -> grain.DatasetIterator:
   """`create_iterator(create_dataset(data_source(builder, split), ...))` in one call."""
   ds = create_dataset(data_source(builder, split), global_batch_size=global_batch_size,
                       crop_size=crop_size, tokenize_fn=tokenize_fn, seed=seed, **dataset_kwargs)

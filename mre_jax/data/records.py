@@ -5,6 +5,9 @@ testable on their own. A record that cannot be used raises `BadRecord(reason, de
 `checked_examples` turns those into counted, logged skips and fails the build when too many
 records are bad. Nothing here ever writes a placeholder image.
 """
+
+from __future__ import annotations
+
 import collections
 import io
 import json
@@ -13,6 +16,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -40,17 +44,17 @@ class BadRecord(Exception):
 
 # --------------------------------------------------------------------------- sources
 
-def require_path(path, builder, what, is_dir=False):
+def require_path(path: str | os.PathLike, builder: str, what: str, is_dir: bool = False) -> str:
   """Raises FileNotFoundError naming `path` and what it should hold, unless it exists."""
   ok = Path(path).is_dir() if is_dir else Path(path).is_file()
   if not ok:
     kind = "folder" if is_dir else "file"
     raise FileNotFoundError(f"{builder}: expected the {kind} {path}: {what} "
                             f"(see data/{builder}/README.md)")
-  return path
+  return str(path)
 
 
-def safe_join(root, relative, field="path"):
+def safe_join(root: str | os.PathLike, relative: str | os.PathLike, field: str = "path") -> str:
   """root/relative, refusing absolute paths and any `..` that would leave `root`."""
   rel = str(relative)
   if not rel or Path(rel).is_absolute() or rel.startswith(("~", "\\")) or ".." in rel.replace("\\", "/").split("/"):
@@ -61,7 +65,7 @@ def safe_join(root, relative, field="path"):
   return str(path)
 
 
-def read_json(path, what="JSON"):
+def read_json(path: str | os.PathLike, what: str = "JSON") -> Any:
   """Parsed JSON; a missing file or bad JSON is a BadRecord naming the file."""
   if not Path(path).is_file():
     raise BadRecord("missing_file", f"{what} {path} does not exist")
@@ -71,7 +75,7 @@ def read_json(path, what="JSON"):
     raise BadRecord("bad_json", f"{path}: {e}") from None
 
 
-def load_source_json(path, builder, what):
+def load_source_json(path: str | os.PathLike, builder: str, what: str) -> Any:
   """Like read_json for a whole source file: errors are fatal (FileNotFoundError/ValueError)."""
   require_path(path, builder, what)
   try:
@@ -102,7 +106,7 @@ def _decode(source, what):
   return data, img, name
 
 
-def load_rgb(source, min_side=0, what="image"):
+def load_rgb(source: str | os.PathLike | bytes, min_side: int = 0, what: str = "image") -> np.ndarray:
   """Decodes an image (path or bytes) to uint8 [H, W, 3] RGB.
 
   Grayscale, RGBA, palette, CMYK and 16-bit images are converted to RGB. If the short side
@@ -117,7 +121,8 @@ def load_rgb(source, min_side=0, what="image"):
   return upscale_to(rgb, min_side)
 
 
-def load_for_storage(source, min_side=0, what="image"):
+def load_for_storage(source: str | os.PathLike | bytes, min_side: int = 0,
+                     what: str = "image") -> bytes | np.ndarray:
   """What a builder should store for an image: the file's own bytes when it is an RGB JPEG
   that needs no upscaling (no second compression), else `load_rgb`'s uint8 [H, W, 3]."""
   data, img, _ = _decode(source, what)
@@ -126,7 +131,7 @@ def load_for_storage(source, min_side=0, what="image"):
   return load_rgb(data, min_side, what)
 
 
-def upscale_to(img, min_side):
+def upscale_to(img: np.ndarray, min_side: int) -> np.ndarray:
   """uint8 [H, W, 3] -> short side at least `min_side` (bicubic, aspect kept)."""
   h, w = img.shape[:2]
   if min(h, w) >= min_side:
@@ -136,7 +141,7 @@ def upscale_to(img, min_side):
   return np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC))
 
 
-def find_image(folder, stem):
+def find_image(folder: str | os.PathLike, stem: str) -> str | None:
   """folder/stem.<jpg|jpeg|png|webp>, the first that exists in that fixed order, or None."""
   for ext in IMAGE_EXTENSIONS:
     path = Path(folder, stem + ext)
@@ -147,7 +152,7 @@ def find_image(folder, stem):
 
 # --------------------------------------------------------------------- text & rewards
 
-def parse_instructions(value, where):
+def parse_instructions(value: Any, where: str) -> list[str]:
   """`edit` of prompt.json (a string or list of strings) -> non-empty list of str."""
   items = value if isinstance(value, list) else [value]
   texts = [t.strip() for t in items if isinstance(t, str) and t.strip()]
@@ -156,7 +161,7 @@ def parse_instructions(value, where):
   return texts
 
 
-def parse_rewards(entries, where):
+def parse_rewards(entries: Any, where: str) -> tuple[np.ndarray, list[str]]:
   """RewardEdit entries [{"Score", "Negative Prompt"} x 3] -> (float32 [3], [str] * 3).
 
   Order: instruction following, detail preserving, generation quality.
@@ -218,7 +223,8 @@ class SkipLog:
           f"examples: {json.dumps(summary['examples'], indent=1)}")
 
 
-def checked_examples(records, make_fn, *, builder, split, max_bad_fraction, metadata=None):
+def checked_examples(records: Iterable[tuple[str, Any]], make_fn: Callable[[Any], dict], *, builder: str, split: str,
+                     max_bad_fraction: float, metadata: dict | None = None) -> Iterator[tuple[str, dict]]:
   """Yields (key, example) for each good record; skips BadRecords with their reason.
 
   Args:

@@ -11,7 +11,11 @@ A scene is a plain dict:
    "objects": [{"shape", "colour", "texture", "cx", "cy", "r"}, ...]}
 with positions and radii in units of the image side.
 """
+
+from __future__ import annotations
+
 import zlib
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -30,6 +34,8 @@ TONES = ("darker", "brighter", "warmer", "cooler", "black and white")
 STYLES = ("a pencil sketch", "a pop-art poster", "a photo negative")
 BLOCK = 8  # pixels: the judge's cell and the codec block of the blocking artifact.
 MIN_SIZE, MAX_SIZE = 32, 64
+Scene = dict[str, Any]  # {"background": {...}, "objects": [object, ...]} (module docstring)
+Object = dict[str, Any]  # {"shape", "colour", "texture", "cx", "cy", "r"}
 
 # Judge calibration (units: intensities in [0, 1]).
 FOLLOW_FULL = 0.9      # share of the way to the truth that counts as fully applied
@@ -86,7 +92,7 @@ def _sample_background(rng, avoid=()):
   return {"kind": kind, "colours": [first, second if kind != "plain" else first]}
 
 
-def sample_scene(rng):
+def sample_scene(rng: np.random.Generator) -> Scene:
   """A random scene: a background and 1 to 3 non-overlapping objects of distinct colours."""
   background = _sample_background(rng)
   objects = []
@@ -98,7 +104,7 @@ def sample_scene(rng):
   return {"background": background, "objects": objects}
 
 
-def scene_key(scene):
+def scene_key(scene: Scene) -> str:
   """A canonical, coarse description of a scene: equal keys = the same scene."""
   bg = scene["background"]
   objs = sorted((o["shape"], o["colour"], o["texture"], round(o["cx"] * 8), round(o["cy"] * 8),
@@ -106,7 +112,7 @@ def scene_key(scene):
   return repr((bg["kind"], tuple(bg["colours"]), tuple(objs)))
 
 
-def scene_split(scene):
+def scene_split(scene: Scene) -> str:
   """"test" for a fixed fifth of all scene keys, "train" for the rest (disjoint by construction)."""
   return "test" if zlib.crc32(scene_key(scene).encode()) % 5 == 0 else "train"
 
@@ -119,7 +125,7 @@ def _grid(size):
   return np.meshgrid(c, c, indexing="ij")
 
 
-def object_mask(obj, size):
+def object_mask(obj: Object, size: int) -> np.ndarray:
   """bool [S, S]: the pixels covered by `obj`."""
   y, x = _grid(size)
   dx, dy = x - obj["cx"], y - obj["cy"]
@@ -152,7 +158,7 @@ def _render_background(background, size):
   return first * (1 - w[..., None]) + second * w[..., None]
 
 
-def render_float(scene, size):
+def render_float(scene: Scene, size: int) -> np.ndarray:
   """float [S, S, 3] in [0, 1]: the scene drawn at side `size`."""
   img = _render_background(scene["background"], size)
   for obj in scene["objects"]:
@@ -162,11 +168,11 @@ def render_float(scene, size):
   return img
 
 
-def to_uint8(img):
+def to_uint8(img: np.ndarray) -> np.ndarray:
   return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
 
 
-def to_float(img):
+def to_float(img: np.ndarray) -> np.ndarray:
   return np.asarray(img, np.float64) / 255.0
 
 
@@ -176,7 +182,7 @@ def _luminance(img):
   return img @ np.array([0.299, 0.587, 0.114])
 
 
-def apply_tone(img, tone):
+def apply_tone(img: np.ndarray, tone: str) -> np.ndarray:
   """float [S, S, 3] -> same: a global tone change."""
   if tone == "darker":
     return img * 0.55
@@ -189,7 +195,7 @@ def apply_tone(img, tone):
   return np.repeat(grey, 3, axis=-1)
 
 
-def apply_style(img, style):
+def apply_style(img: np.ndarray, style: str) -> np.ndarray:
   """float [S, S, 3] -> same: a global style change."""
   if style == "a pencil sketch":
     grey = _luminance(img)
@@ -298,7 +304,7 @@ _EDIT_FNS = {"Local": _edit_local, "Remove": _edit_remove, "Add": _edit_add,
              "Global": _edit_global, "Style": _edit_style}
 
 
-def sample_edit(rng, scene, category, size):
+def sample_edit(rng: np.random.Generator, scene: Scene, category: str, size: int) -> dict[str, Any] | None:
   """An exact edit of `scene`.
 
   Returns a dict with `truth` (float [S, S, 3]), `truth_scene` (the edited scene; for global
@@ -321,7 +327,7 @@ def sample_edit(rng, scene, category, size):
 
 # ------------------------------------------------------------------------- corruption
 
-def gaussian_blur(img, sigma):
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
   """float [H, W, C] -> same, separable Gaussian blur of std `sigma` pixels (reflect edges)."""
   if sigma <= 0:
     return img
@@ -337,7 +343,7 @@ def gaussian_blur(img, sigma):
   return img
 
 
-def block_means(img, block=BLOCK):
+def block_means(img: np.ndarray, block: int = BLOCK) -> np.ndarray:
   """float [H, W, C] -> [H // block, W // block, C]: means of the aligned blocks."""
   h, w = img.shape[0] // block, img.shape[1] // block
   return img[:h * block, :w * block].reshape(h, block, w, block, -1).mean(axis=(1, 3))
@@ -351,7 +357,7 @@ def _upsample_blocks(cells, shape, block=BLOCK):
   return out
 
 
-def blocking(img, amount, block=BLOCK):
+def blocking(img: np.ndarray, amount: float, block: int = BLOCK) -> np.ndarray:
   """Codec-like blocking: blend each aligned block towards its mean (block means are kept)."""
   if amount <= 0:
     return img
@@ -371,7 +377,8 @@ def _far_colour(rng, colour, min_distance=0.4):
   return str(rng.choice([c for c in COLOURS if _colour_distance(c, colour) > min_distance]))
 
 
-def sample_corruption(rng, truth_scene, target, clean_prob=0.25):
+def sample_corruption(rng: np.random.Generator, truth_scene: Scene, target: Object | None,
+                      clean_prob: float = 0.25) -> dict[str, Any]:
   """Random corruption parameters for an edit (a plain dict; see `corrupt`)."""
   spec = {"strength": 1.0, "unrelated": None, "blur": 0.0, "blocking": 0.0, "noise": 0.0,
           "noise_seed": int(rng.integers(2 ** 31))}
@@ -405,7 +412,7 @@ def _same_place(a, b):
   return b is not None and abs(a["cx"] - b["cx"]) < 1e-9 and abs(a["cy"] - b["cy"]) < 1e-9
 
 
-def corrupt(original, truth, spec):
+def corrupt(original: np.ndarray, truth: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
   """The edited image a generator would produce, from the exact edit.
 
   Args:
@@ -452,7 +459,7 @@ def _window_max(mask, radius):
   return _box(mask.astype(np.float64), radius) > 1e-9
 
 
-def measure_following(original, truth, edited):
+def measure_following(original: np.ndarray, truth: np.ndarray, edited: np.ndarray) -> float:
   """Share of the way from the original to the truth that the edited image covers.
 
   1 - ||e - t|| / ||o - t||, both norms over the pixels the edit changes, on images smoothed
@@ -471,7 +478,8 @@ def measure_following(original, truth, edited):
   return float(np.clip(1.0 - np.sqrt(error / denom), 0.0, 1.0))
 
 
-def measure_changes(original, truth, edited):
+def measure_changes(original: np.ndarray, truth: np.ndarray,
+                    edited: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
   """Changes the edit does not ask for, on the 8x8 cell grid.
 
   Each cell's mean colour is compared with the closest point on the segment from the
@@ -488,7 +496,7 @@ def measure_changes(original, truth, edited):
   return float(changed.mean()), dev, changed
 
 
-def measure_on_path(original, truth, cell_changed):
+def measure_on_path(original: np.ndarray, truth: np.ndarray, cell_changed: np.ndarray) -> float:
   """Share of the edit's change energy in cells whose mean colour stays on the way from the
   original to the truth (1 - the cell's `changed` amount), weighted by each cell's
   sum of squared pixel changes. A cell painted a colour the edit does not lead to (noise
@@ -507,7 +515,8 @@ def _border_mask(shape, block=BLOCK):
   return (iy % block == 0) | (iy % block == block - 1) | (ix % block == 0) | (ix % block == block - 1)
 
 
-def measure_noise(reference, edited, flat_sources, valid):
+def measure_noise(reference: np.ndarray, edited: np.ndarray, flat_sources: Sequence[np.ndarray],
+                  valid: np.ndarray) -> float:
   """Std of the noise in `edited` around `reference`, estimated where the scene is flat.
 
   Uses the median absolute high-pass residual (robust to the few edges left by unrelated
@@ -537,7 +546,7 @@ def _pair_valid(valid):
   return valid[:, 1:] & valid[:, :-1], valid[1:] & valid[:-1]
 
 
-def measure_sharpness(reference, edited, valid):
+def measure_sharpness(reference: np.ndarray, edited: np.ndarray, valid: np.ndarray) -> float:
   """Median ratio of edge contrast in `edited` to that in `reference` (1 = as sharp)."""
   ratios = []
   for de, dr, ok in zip(_diffs(edited), _diffs(reference), _pair_valid(valid)):
@@ -560,7 +569,7 @@ def _border_excess(img, valid, block):
   return total
 
 
-def measure_blocking(reference, edited, valid, block=BLOCK):
+def measure_blocking(reference: np.ndarray, edited: np.ndarray, valid: np.ndarray, block: int = BLOCK) -> float:
   """Excess edge contrast on block borders over block interiors, beyond the reference's."""
   if min(reference.shape[:2]) < 2 * block:
     return 0.0
@@ -590,7 +599,7 @@ def _valid_pixels(cell_dev, shape, margin=2):
   return ~_window_max(changed, margin)
 
 
-def judge(original, truth, edited):
+def judge(original: np.ndarray, truth: np.ndarray, edited: np.ndarray) -> dict[str, Any]:
   """Scores an edit exactly against its ground truth from the paper's three perspectives.
 
   Args:
@@ -658,7 +667,8 @@ def _changed_words(cell_dev, truth_scene, target, size):
 GENERIC_FAILURES = ("the edit is not applied", "the edit is only partly applied")
 
 
-def failure_texts(measures, failures=GENERIC_FAILURES, truth_scene=None, target=None, size=None):
+def failure_texts(measures: dict[str, Any], failures: Sequence[str] = GENERIC_FAILURES,
+                  truth_scene: Scene | None = None, target: Object | None = None, size: int | None = None) -> list[str]:
   """The 3 reward texts (following, preserving, quality) for a judged edit; "None" if perfect.
 
   Args:
@@ -709,7 +719,8 @@ def _sample_scene_and_edit(rng, split, category, size):
   raise RuntimeError(f"could not sample a {category} edit for split {split!r}")
 
 
-def make_example(index, split="train", seed=0, size=64, clean_prob=0.25):
+def make_example(index: int, split: str = "train", seed: int = 0, size: int = 64,
+                 clean_prob: float = 0.25) -> dict[str, Any]:
   """One example of the edit world, a pure function of (seed, split, index, size).
 
   Returns a dict: `original`, `truth` (exact edit), `edited` (corrupted edit), each uint8

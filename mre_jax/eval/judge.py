@@ -45,7 +45,7 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import ml_collections
 import numpy as np
@@ -244,7 +244,7 @@ def _answer_from_dict(d: dict, describe: bool):
   return fields, None
 
 
-def parse_answer(text: str | None, describe: bool = False):
+def parse_answer(text: str | None, describe: bool = False) -> tuple[dict | None, str | None]:
   """Reads a judge's answer: (fields, None) or (None, reason).
 
   Accepts a JSON object or a Python dict literal (single quotes, True/False), anywhere in
@@ -272,7 +272,7 @@ def parse_answer(text: str | None, describe: bool = False):
 _RELEASE_SCORE = re.compile(r"'score': (\d+\.\d+)")
 
 
-def parse_answer_release(text: str | None):
+def parse_answer_release(text: str | None) -> tuple[dict | None, str | None]:
   """Reads an answer as the release does: (fields, None) or (None, reason).
 
   `fields` holds `verdict` ("yes" when the substring "yes" occurs anywhere in the text, else
@@ -443,6 +443,16 @@ class JudgmentCache:
 
 # ---------------------------------------------------------------------------- backends
 
+class Backend(Protocol):
+  """What judging asks of a backend (OpenAIBackend, synthetic_judge.SyntheticBackend)."""
+
+  name: str  # recorded with every judgment
+  model: str  # part of every cache key
+
+  def answer(self, query: Query, budget: Budget) -> tuple[str, int, int | None]:
+    """(answer text, requests sent, tokens used or None); raises JudgeFailure."""
+
+
 def judge_config() -> ml_collections.ConfigDict:
   """The judge fields shared by configs/evaluate.py and configs/annotate.py."""
   c = ml_collections.ConfigDict()
@@ -526,7 +536,7 @@ class OpenAIBackend:
       content.append({"type": "text", "text": build_reminder(query.describe)})
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
-  def answer(self, query: Query, budget: Budget):
+  def answer(self, query: Query, budget: Budget) -> tuple[str, int, int | None]:
     """(text, attempts, usage) or JudgeFailure once retries or the budget are spent."""
     messages = self.messages(query)
     attempts = 0
@@ -575,14 +585,14 @@ def _usage(response):
   return getattr(usage, "total_tokens", None) if usage is not None else None
 
 
-def check_config(cfg) -> None:
+def check_config(cfg: ml_collections.ConfigDict) -> None:
   """The judge fields a backend does not read itself (ConfigError naming field and value)."""
   tries = cfg.max_tries
   if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
     raise ConfigError(f"config.judge.max_tries={tries!r}: expected an integer >= 1 (1: never re-ask)")
 
 
-def make_backend(cfg):
+def make_backend(cfg: ml_collections.ConfigDict) -> Backend:
   """The backend config.judge names (BACKENDS), made from config.judge."""
   check_config(cfg)
   if cfg.backend not in BACKENDS:
@@ -626,7 +636,7 @@ def _judgment(backend, fields, tries: list) -> dict:
           "model": backend.model, "prompt_version": PROMPT_VERSION}
 
 
-def judge_one(backend, request: Request, cache: JudgmentCache, budget: Budget,
+def judge_one(backend: Backend, request: Request, cache: JudgmentCache, budget: Budget,
               rejudge_unparsed: bool = True, max_tries: int = 3) -> dict:
   """One result record: a cached answer, a new (cached) answer, or a failure.
 
@@ -672,9 +682,9 @@ def judge_one(backend, request: Request, cache: JudgmentCache, budget: Budget,
   return result
 
 
-def judge_all(backend, requests: list, cache: JudgmentCache, *, concurrency: int = 4,
+def judge_all(backend: Backend, requests: list[Request], cache: JudgmentCache, *, concurrency: int = 4,
               budget: Budget | None = None, rejudge_unparsed: bool = True, max_tries: int = 3,
-              log_every: int = 50) -> list:
+              log_every: int = 50) -> list[dict]:
   """Judges `requests` with up to `concurrency` in flight; records in request order."""
   budget = budget or Budget(0)
   results = [None] * len(requests)
@@ -692,7 +702,8 @@ def judge_all(backend, requests: list, cache: JudgmentCache, *, concurrency: int
   return results
 
 
-def judge_with_config(cfg, workdir: str | os.PathLike, requests: list, backend=None) -> list:
+def judge_with_config(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, requests: list[Request],
+                      backend: Backend | None = None) -> list[dict]:
   """Judges `requests` as config.judge says, through its cache (default in `workdir`)."""
   check_config(cfg)
   backend = backend or make_backend(cfg)
@@ -705,7 +716,7 @@ def judge_with_config(cfg, workdir: str | os.PathLike, requests: list, backend=N
   return results
 
 
-def reask_counts(results) -> dict:
+def reask_counts(results: list[dict]) -> dict:
   """This run's re-ask figures: answers re-asked (off-format at first), re-asks sent, those
   re-asked answers that then parsed, and answers still unparsed."""
   return {"reasked": sum(bool(r.get("reasks")) for r in results),
@@ -719,7 +730,7 @@ def reask_summary(counts: dict) -> str:
           f"re-asks), {counts['recovered']} of them then read; still unparsed: {counts['unparsed']}")
 
 
-def status_counts(results) -> dict:
+def status_counts(results: list[dict]) -> dict:
   counts = {s: 0 for s in STATUSES}
   for r in results:
     counts[r["status"]] = counts.get(r["status"], 0) + 1

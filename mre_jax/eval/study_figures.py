@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import ml_collections
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -75,7 +76,7 @@ def examples(out: Path, test: synthetic_eval.TestSet, seed: int, path: Path, til
   files.write_image(path, grid)
 
 
-def write_figures(out: Path, result: dict, config, test: synthetic_eval.TestSet) -> None:
+def write_figures(out: Path, result: dict, config: ml_collections.ConfigDict, test: synthetic_eval.TestSet) -> None:
   bars(result, out / "bars.png")
   knobs(result, out / "knobs.png")
   examples(out, test, config.seeds[0], out / "examples.png")

@@ -16,14 +16,18 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
+import ml_collections
 import numpy as np
 
 from mre_jax.data import input_pipeline, records, synthetic
 from mre_jax.infer import edit
 from mre_jax.io import files
 from mre_jax.train import vae_train
+
+if TYPE_CHECKING:
+  import tensorflow_datasets as tfds
 
 PERSPECTIVES = ("following", "preserving", "quality")
 BEST_SCORES = (5.0, 5.0, 5.0)
@@ -47,7 +51,7 @@ def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def load_test_set(builder, split: str = "test", count: int = 0) -> TestSet:
+def load_test_set(builder: tfds.core.DatasetBuilder, split: str = "test", count: int = 0) -> TestSet:
   """`count` examples of a synthetic_edit split (0: all), the same number from every category
   where it divides (else the first categories get one more), each category's in record order."""
   source = input_pipeline.data_source(builder, split)
@@ -110,7 +114,7 @@ def bootstrap_mean(values: np.ndarray, *, samples: int = 2000, seed: int = 0) ->
   return {"mean": float(values.mean()), "ci": [float(lo), float(hi)], "n": int(values.shape[1])}
 
 
-def summarize(scores: np.ndarray, categories: Sequence[str], **kwargs) -> dict:
+def summarize(scores: np.ndarray, categories: Sequence[str], **kwargs: Any) -> dict:
   """{"overall" | category: {perspective: bootstrap_mean}} of scores [N, 3] or [seeds, N, 3]."""
   scores = np.asarray(scores, np.float64)
   scores = scores[None] if scores.ndim == 2 else scores
@@ -149,7 +153,8 @@ def through_vae(editor: edit.Editor, images: np.ndarray, batch_size: int = 64) -
   return np.clip(np.round((np.concatenate(out) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def evaluate_run(config, workdir: Path, builder, step: int) -> dict:
+def evaluate_run(config: ml_collections.ConfigDict, workdir: Path, builder: tfds.core.DatasetBuilder,
+                 step: int) -> dict:
   """The train job's final evaluation: the run's EMA model at rewards (5, 5, 5) and "None; None;
   None" on `config.eval.count` test examples, beside the references (the unchanged input, the
   ground truth, and the ground truth through the VAE). Writes `eval.json` and `eval.md` in

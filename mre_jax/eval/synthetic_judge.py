@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable, Sequence
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -25,7 +27,8 @@ def truth_key(original: np.ndarray, instruction: str) -> str:
   return f"{image_hash(original)} {instruction}"
 
 
-def write_truth_index(path: str | os.PathLike, entries) -> None:
+def write_truth_index(path: str | os.PathLike,
+                      entries: Iterable[tuple[np.ndarray, str, str, Sequence[str] | None]]) -> None:
   """Writes the synthetic backend's index of ground truths, atomically.
 
   entries: iterable of (original uint8 [H, W, 3], instruction, truth path relative to the
@@ -53,13 +56,13 @@ class SyntheticBackend:
     self.yes_threshold = yes_threshold
 
   @classmethod
-  def from_config(cls, cfg) -> SyntheticBackend:
+  def from_config(cls, cfg: ml_collections.ConfigDict) -> SyntheticBackend:
     """From config.judge: `truth` (required) and `yes_threshold`."""
     if not cfg.truth:
       raise ConfigError("config.judge.truth is required for config.judge.backend='synthetic'")
     return cls(cfg.truth, cfg.yes_threshold)
 
-  def answer(self, query: Query, budget: Budget):
+  def answer(self, query: Query, budget: Budget) -> tuple[str, int, None]:
     entry = self.entries.get(truth_key(query.original, query.instruction))
     if entry is None:
       raise JudgeFailure("failed", f"no ground truth for this original and instruction "

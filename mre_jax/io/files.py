@@ -49,12 +49,12 @@ def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
   return path
 
 
-def write_json(path: str | os.PathLike, value: Any, **dumps_kwargs) -> Path:
+def write_json(path: str | os.PathLike, value: Any, **dumps_kwargs: Any) -> Path:
   """`value` as JSON (json.dumps keyword arguments pass through), ending in a newline."""
   return write_atomic(path, json.dumps(value, **dumps_kwargs) + "\n")
 
 
-def write_jsonl(path: str | os.PathLike, rows: Iterable[Any], **dumps_kwargs) -> Path:
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Any], **dumps_kwargs: Any) -> Path:
   """One JSON value per line."""
   return write_atomic(path, "".join(json.dumps(r, **dumps_kwargs) + "\n" for r in rows))
 

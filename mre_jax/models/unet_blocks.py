@@ -14,7 +14,7 @@ exact (erf) GELU in the GEGLU feed-forward.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,9 @@ import jax.numpy as jnp
 from mre_jax import ops
 from mre_jax.models.layers import Conv, Dense, GroupNorm, conv1x1, gelu, layer_norm
 from mre_jax.ops import attention as attention_ops
+
+if TYPE_CHECKING:
+  from mre_jax.models.unet import UNetConfig  # unet imports this module
 
 # ----------------------------------------------------------------------------- resnet, samplers
 
@@ -281,8 +284,9 @@ def _transformer(block, only_cross_attention: bool) -> SpatialTransformer:
                             block.kernels)
 
 
-def make_unet_blocks(cfg, *, dtype: Any, remat: bool, kernels: ops.Kernels) -> tuple[list, MidBlock, list]:
-  """The down blocks, mid block and up blocks of the U-Net `cfg` (a `models.UNetConfig`).
+def make_unet_blocks(cfg: UNetConfig, *, dtype: Any, remat: bool,
+                     kernels: ops.Kernels) -> tuple[list[DownBlock], MidBlock, list[UpBlock]]:
+  """The down blocks, mid block and up blocks of the U-Net `cfg`.
 
   With `remat`, each block is recomputed in the backward pass; `deterministic` (the last
   positional argument of every block) is static.

@@ -16,7 +16,8 @@ import jax
 from jax import lax
 
 
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: lax.DotDimensionNumbers, precision: Any = None,
+                preferred_element_type: Any = None) -> jax.Array:
   """`lax.dot_general`; on a CPU, x [..., C] @ W [C, O] is computed as a [N, C] @ [C, O] matmul."""
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   if (jax.default_backend() == "cpu" and lhs.ndim > 2 and rhs.ndim == 2 and not lhs_batch and not rhs_batch

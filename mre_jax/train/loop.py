@@ -15,6 +15,7 @@ from pathlib import Path
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -68,7 +69,7 @@ class _StopFlag:
     self.requested = True
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike | None) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None) -> TrainState:
   """Job: trains `config.num_steps` optimiser steps, resuming from `workdir` if it holds a run."""
   if not workdir:
     raise ConfigError("--workdir is required: checkpoints, logs and samples are written there")

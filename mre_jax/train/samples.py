@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mre_jax import models
 from mre_jax.data import input_pipeline, tokens
 from mre_jax.infer import sampling
 from mre_jax.io import pretrained
@@ -20,7 +23,8 @@ GRID_HEADER = 24  # pixels of the label row
 GRID_LABELS = ("input", "truth", "target", "edit at 5,5,5", "edit at target's rewards")
 
 
-def make_sample_grid_fn(config, unet, frozen: Frozen, batch):
+def make_sample_grid_fn(config: ml_collections.ConfigDict, unet: models.RewardUNet, frozen: Frozen,
+                        batch: dict[str, np.ndarray]) -> Callable[[Any, dict], np.ndarray]:
   """fn(ema_params, fparams) -> uint8 grid image of `batch` (see `_sample_grid`), built once per run.
 
   The device part of every grid (text encoding and both sets of edits) is one jitted program,
@@ -70,7 +74,7 @@ def _sample_grid(edits_fn, inputs: dict, batch, tile: int, ema_params, fparams) 
   return labelled_grid(columns, labels, tile)
 
 
-def labelled_grid(columns: list[np.ndarray], labels, tile: int) -> np.ndarray:
+def labelled_grid(columns: list[np.ndarray], labels: Sequence[str], tile: int) -> np.ndarray:
   """uint8 [header + n * T, len(columns) * T, 3] from columns of float [n, H, W, 3] in [0, 1]:
   each image upscaled by nearest neighbour to T = H * ceil(tile / H) pixels, one label per column."""
   scale = max(1, -(-tile // columns[0].shape[1]))

@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import grain
 import jax
+import ml_collections
+import numpy as np
 from jax.experimental import multihost_utils
 
 from mre_jax import models, ops
@@ -18,8 +21,11 @@ from mre_jax.io import checkpointing, export
 from mre_jax.models import tiny
 from mre_jax.train.trainer import Frozen
 
+if TYPE_CHECKING:
+  import tensorflow_datasets as tfds
 
-def validate(config, num_devices: int) -> None:
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Fails on bad values before anything is compiled, naming the field."""
   if config.optim.lr <= 0:
     raise ConfigError(f"config.optim.lr={config.optim.lr}: must be > 0")
@@ -49,7 +55,7 @@ def validate(config, num_devices: int) -> None:
     raise ConfigError(f"config.cond_dropout={config.cond_dropout}: must be in [0, 1/3)")
 
 
-def prepare_workdir(config, workdir: Path) -> tuple[checkpointing.ModelSpec, Any]:
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: Path) -> tuple[checkpointing.ModelSpec, Any]:
   """Writes the frozen parts into a new workdir; reads the spec of an old one.
 
   Returns (spec, U-Net params when they had to be loaded to learn the spec, else None).
@@ -85,7 +91,7 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def initialize_distributed(config) -> None:
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
   d = config.distributed
   if not d.initialize:
     return
@@ -100,7 +106,7 @@ def initialize_distributed(config) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def build_data(config, workdir: Path):
+def build_data(config: ml_collections.ConfigDict, workdir: Path) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder of `config.data` (process 0 builds it on first use)."""
   data = config.data
   data_dir = data.data_dir or str(workdir / "tfds")
@@ -111,13 +117,15 @@ def build_data(config, workdir: Path):
   return input_pipeline.build_dataset(data.name, data_dir, data.manual_dir or None, **kwargs)
 
 
-def cache_path(config, workdir: Path) -> str:
+def cache_path(config: ml_collections.ConfigDict, workdir: Path) -> str:
   """The latent cache to train from: "" (none), `<workdir>/latents` for "auto", else the field."""
   cache = config.data.latent_cache
   return str(workdir / "latents") if cache == "auto" else cache
 
 
-def make_data_iterator(config, frozen: Frozen, workdir: Path, builder):
+def make_data_iterator(config: ml_collections.ConfigDict, frozen: Frozen, workdir: Path,
+                       builder: tfds.core.DatasetBuilder | None
+                       ) -> tuple[grain.DatasetIterator, dict[str, np.ndarray] | None]:
   """(checkpointable iterator of this process's batches, sample-grid batch)."""
   data = config.data
   tokenize_fn = tokens.tokenize_fn(frozen.tokenizer)

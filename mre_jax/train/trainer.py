@@ -11,6 +11,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from mre_jax import models, ops
@@ -39,7 +40,7 @@ class Frozen:
       default_factory=lambda: dict(export.SCHEDULER_CONFIG), compare=False)  # the noise schedule
 
 
-def initial_params(config, spec: checkpointing.ModelSpec) -> Any:
+def initial_params(config: ml_collections.ConfigDict, spec: checkpointing.ModelSpec) -> Any:
   """Host (numpy) U-Net params of a tiny model or of a project checkpoint to start from."""
   model = models.RewardUNet(spec.unet, reward=spec.reward)
   if config.model.init == "tiny":
@@ -58,7 +59,7 @@ def training_schedule(frozen: Frozen) -> diffusion.Schedule:
   return sampling.spec_from_scheduler_config(frozen.scheduler_config, "euler_ancestral", 1).make_schedule()
 
 
-def load_frozen(workdir: Path, dtype, kernels: ops.Kernels = ops.Kernels()) -> tuple[Frozen, dict]:
+def load_frozen(workdir: Path, dtype: Any, kernels: ops.Kernels = ops.Kernels()) -> tuple[Frozen, dict]:
   """(modules, host params {"vae", "text", "empty_ids" [1, 77]}) of a workdir's frozen parts."""
   folder = checkpointing.frozen_dir(workdir)
   vae, vae_params = pretrained.load_vae(folder, dtype, kernels)
@@ -68,7 +69,7 @@ def load_frozen(workdir: Path, dtype, kernels: ops.Kernels = ops.Kernels()) -> t
   return frozen, {"vae": vae_params, "text": text_params, "empty_ids": tokens.tokenize(tokenizer, [""])}
 
 
-def lr_schedule(optim) -> optax.Schedule:
+def lr_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
   """Constant lr after an optional linear warm-up (the release: no warm-up)."""
   if optim.warmup_steps <= 0:
     return optax.constant_schedule(optim.lr)
@@ -77,14 +78,14 @@ def lr_schedule(optim) -> optax.Schedule:
       [optim.warmup_steps])
 
 
-def make_optimizer(optim) -> optax.GradientTransformation:
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW with global-norm clipping."""
   return optax.chain(
       optax.clip_by_global_norm(optim.clip_norm),
       optax.adamw(lr_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
 
 
-def ema_decay(step: jax.Array, ema) -> jax.Array:
+def ema_decay(step: jax.Array, ema: ml_collections.ConfigDict) -> jax.Array:
   """diffusers EMAModel's decay at optimisation step `step` (1-based): (1+s)/(10+s), capped."""
   s = jnp.maximum(step - ema.update_after_step - 1, 0).astype(jnp.float32)
   if ema.use_warmup:
@@ -98,7 +99,7 @@ def ema_decay(step: jax.Array, ema) -> jax.Array:
 BATCH_KEYS = ("original", "edited", "instruction_ids", "reward_ids", "scores")
 
 
-def encode_batch(frozen: Frozen, fparams, batch) -> dict:
+def encode_batch(frozen: Frozen, fparams: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Frozen encoders on an image batch: the fields a latent cache stores (see latent_cache)."""
   mean, logvar = pretrained.vae_encode(frozen.vae, fparams["vae"], batch["edited"])
   cond, _ = pretrained.vae_encode(frozen.vae, fparams["vae"], batch["original"])
@@ -118,7 +119,8 @@ def _encode(frozen: Frozen, fparams, batch, rng):
   return jax.tree_util.tree_map(lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)), out)
 
 
-def loss_fn(params, batch, rng, *, unet, frozen: Frozen, fparams, schedule, config):
+def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, unet: models.RewardUNet, frozen: Frozen,
+            fparams: dict[str, Any], schedule: diffusion.Schedule, config: ml_collections.ConfigDict) -> jax.Array:
   """MSE between the U-Net's output and its target for one microbatch (SPEC section 3): the noise, or
   the velocity when the model's scheduler config says prediction_type v_prediction."""
   k_lat, k_noise, k_t, k_drop, k_dropout = jax.random.split(rng, 5)
@@ -140,7 +142,9 @@ def loss_fn(params, batch, rng, *, unet, frozen: Frozen, fparams, schedule, conf
   return jnp.mean((eps.astype(jnp.float32) - target) ** 2)
 
 
-def train_step(state: TrainState, batch, fparams, rng, *, unet, frozen, tx, schedule, config):
+def train_step(state: TrainState, batch: dict[str, jax.Array], fparams: dict[str, Any], rng: jax.Array, *,
+               unet: models.RewardUNet, frozen: Frozen, tx: optax.GradientTransformation, schedule: diffusion.Schedule,
+               config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step over `config.grad_accum_steps` microbatches; returns (state, metrics)."""
   rng = jax.random.fold_in(rng, state.step)
   accum = config.grad_accum_steps
