@@ -94,22 +94,35 @@ def torch_to_flax(
   for key, array in state_dict.items():
     if any(key.startswith(p) for p in ignore_prefixes):
       continue
-    module, _, leaf = key.rpartition(".")
-    path = _flax_module_path(module, flavour, aliases)
-    if leaf == "weight":
-      found = [l for l in _WEIGHT_LEAVES if path + (l,) in target]
-      leaf = found[0] if found else "kernel"
-    flax_key = path + (leaf,)
+    flax_key = _flax_key(key, flavour, aliases, target)
     if flax_key not in target:
       unexpected.append(key)
       continue
     want = tuple(target[flax_key].shape)
-    converted = _to_flax_array(np.asarray(array), leaf, want)
+    converted = _to_flax_array(np.asarray(array), flax_key[-1], want)
     if converted.shape != want:
       bad_shapes.append(f"{key}: {tuple(np.shape(array))} does not fit {'/'.join(flax_key)} {want}")
       continue
     out[flax_key] = converted
   missing = ["/".join(k) for k in target if k not in out]
+  _raise_on_mismatch(source, bad_shapes, unexpected, missing)
+  return traverse_util.unflatten_dict(out)
+
+
+def _flax_key(torch_key: str, flavour: str, aliases: Mapping[str, str],
+              target: Mapping[tuple[str, ...], Any]) -> tuple[str, ...]:
+  """The flat Flax key of a torch key; a torch `weight` becomes the kernel, scale or embedding
+  that `target` has (kernel when it has none)."""
+  module, _, leaf = torch_key.rpartition(".")
+  path = _flax_module_path(module, flavour, aliases)
+  if leaf == "weight":
+    found = [l for l in _WEIGHT_LEAVES if path + (l,) in target]
+    leaf = found[0] if found else "kernel"
+  return path + (leaf,)
+
+
+def _raise_on_mismatch(source: str, bad_shapes: list[str], unexpected: list[str], missing: list[str]) -> None:
+  """WeightMismatchError naming (up to 10 of) each kind of problem, if there is any."""
   problems = []
   if bad_shapes:
     problems.append("shape mismatch: " + "; ".join(bad_shapes[:10]))
@@ -119,7 +132,6 @@ def torch_to_flax(
     problems.append(f"missing keys ({len(missing)}): " + ", ".join(sorted(missing)[:10]))
   if problems:
     raise WeightMismatchError(f"{source}: " + " | ".join(problems))
-  return traverse_util.unflatten_dict(out)
 
 
 def flax_to_torch(

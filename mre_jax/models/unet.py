@@ -269,25 +269,40 @@ class RewardUNet(nn.Module):
     Returns:
       [B, h, w, 4] predicted noise, in the compute dtype.
     """
-    batch = sample.shape[0]
     deterministic = not train
-    timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))
-    emb = self.time_embedding(self.time_proj(timesteps).astype(self.dtype))
-    if self.reward:
-      if scores is None or reward_embeds is None:
-        raise ValueError("a reward U-Net needs `scores` [B, 3] and `reward_embeds` [B, D]")
-      score_emb = self.add_time_proj(scores.reshape(-1)).reshape(batch, -1).astype(self.dtype)
-      reward_embeds = reward_embeds.astype(self.dtype)
-      emb = emb + self.add_embedding(score_emb) + self.text_linear2(reward_embeds)
-
+    emb, score_emb, reward_embeds = self._embeddings(sample.shape[0], timesteps, scores, reward_embeds)
     h = self.conv_in(sample.astype(self.dtype))
     if self.reward:
-      reward_tokens = jnp.stack([self.add_embedding2(score_emb), self.text_linear(reward_embeds)], axis=1)
-      z = self.proj_deal.to_tokens(h)
-      u = self.ca(z, reward_tokens, deterministic)
-      h = h + self.proj_deal.from_tokens(u, h.shape)
+      h = self._reward_cross_attention(h, score_emb, reward_embeds, deterministic)
+    h = self._blocks(h, emb, context.astype(self.dtype), deterministic)
+    h = nn.silu(self.conv_norm_out(h))
+    return self.conv_out(h)
 
-    context = context.astype(self.dtype)
+  def _embeddings(self, batch: int, timesteps: jax.Array, scores: jax.Array | None,
+                  reward_embeds: jax.Array | None) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """(time embedding [B, E], with the score and reward-text terms on a reward U-Net; score
+    embedding [B, 3 * SCORE_EMBED_DIM] or None; reward_embeds in the compute dtype)."""
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))
+    emb = self.time_embedding(self.time_proj(timesteps).astype(self.dtype))
+    if not self.reward:
+      return emb, None, reward_embeds
+    if scores is None or reward_embeds is None:
+      raise ValueError("a reward U-Net needs `scores` [B, 3] and `reward_embeds` [B, D]")
+    score_emb = self.add_time_proj(scores.reshape(-1)).reshape(batch, -1).astype(self.dtype)
+    reward_embeds = reward_embeds.astype(self.dtype)
+    return emb + self.add_embedding(score_emb) + self.text_linear2(reward_embeds), score_emb, reward_embeds
+
+  def _reward_cross_attention(self, h: jax.Array, score_emb: jax.Array, reward_embeds: jax.Array,
+                              deterministic: bool) -> jax.Array:
+    """MRC: the tokens of h [B, h, w, C] attend to two reward tokens (scores, reward text); the
+    result is added to h."""
+    reward_tokens = jnp.stack([self.add_embedding2(score_emb), self.text_linear(reward_embeds)], axis=1)
+    z = self.proj_deal.to_tokens(h)
+    u = self.ca(z, reward_tokens, deterministic)
+    return h + self.proj_deal.from_tokens(u, h.shape)
+
+  def _blocks(self, h: jax.Array, emb: jax.Array, context: jax.Array, deterministic: bool) -> jax.Array:
+    """Down blocks (keeping their skips), mid block, up blocks (each taking its skips)."""
     skips = (h,)
     for block in self.down_blocks:
       h, res = block(h, emb, context, deterministic)
@@ -297,8 +312,7 @@ class RewardUNet(nn.Module):
     for block in self.up_blocks:
       h = block(h, skips[-n:], emb, context, deterministic)
       skips = skips[:-n]
-    h = nn.silu(self.conv_norm_out(h))
-    return self.conv_out(h)
+    return h
 
 
 def unet_param_shapes(model: RewardUNet, latent_size: int = 8) -> dict:

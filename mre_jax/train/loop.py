@@ -11,12 +11,14 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from tqdm import tqdm
@@ -32,7 +34,7 @@ from mre_jax.train.precompute import write_latent_cache
 from mre_jax.train.samples import make_sample_grid_fn
 from mre_jax.train.setup import (build_data, cache_path, initialize_distributed, make_data_iterator, prepare_workdir,
                                  validate)
-from mre_jax.train.trainer import (BATCH_KEYS, TrainState, initial_params, load_frozen, lr_schedule,
+from mre_jax.train.trainer import (BATCH_KEYS, Frozen, TrainState, initial_params, load_frozen, lr_schedule,
                                    make_optimizer, train_step, training_schedule)
 
 
@@ -78,36 +80,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   validate(config, mesh.size)
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  spec, loaded_params = prepare_workdir(config, workdir)
-  kernels = ops.Kernels.from_config(config.model, "config.model")
-  spec = dataclasses.replace(spec, kernels=kernels)
-  if jax.process_index() == 0 and not checkpointing.is_checkpoint(workdir):
-    checkpointing.write_spec(workdir, spec)
-  frozen, fparams = load_frozen(workdir, models.DTYPES[config.model.dtype], kernels)
-  vae_config = pretrained.read_config(checkpointing.frozen_dir(workdir) / "vae")
-  edit.check_channels(spec.unet, int(vae_config.get("latent_channels", 4)),
-                      f"{workdir} (config.model.unet.in_channels / out_channels)")
-  unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=models.DTYPES[config.model.dtype],
-                           remat=config.model.remat, reward_dropout=config.model.reward_dropout, kernels=kernels)
+  spec, loaded_params, unet, frozen, fparams = _load_models(config, workdir)
   tx = make_optimizer(config.optim)
-
-  # Shardings, derived from shapes.
-  param_shapes = models.unet_param_shapes(unet)
-  abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, p, tx.init(p)), param_shapes)
-  state_sh = sharding.tree_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-  abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+  abstract, state_sh = _state_shardings(unet, tx, mesh, config.mesh.fsdp_min_size)
   repl = sharding.replicated(mesh)
   fparams = sharding.place(fparams, jax.tree_util.tree_map(lambda _: repl, fparams))
-
-  cache = cache_path(config, workdir)
-  have_cache = bool(cache) and (Path(cache) / latent_cache.INDEX).exists()
-  builder = build_data(config, workdir) if not have_cache or config.sample.every or config.eval.count else None
-  if cache and not have_cache:
-    if config.data.latent_cache != "auto":
-      raise FileNotFoundError(f"config.data.latent_cache={cache}: no latent cache there (make one with "
-                              "--config.job=precompute, or set it to 'auto')")
-    write_latent_cache(config, builder, frozen, jax.device_get(fparams), Path(cache))
-  data_iter, sample_batch = make_data_iterator(config, frozen, workdir, builder)
+  builder, data_iter, sample_batch = _make_data(config, workdir, frozen, fparams)
   manager = checkpointing.make_manager(workdir, max_to_keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
   if manager.latest_step() is not None:
@@ -115,11 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if jax.process_index() == 0:
       print(f"resuming from step {int(jax.device_get(state.step))} of {workdir}", flush=True)
   else:
-    host = initial_params(config, spec) if loaded_params is None else loaded_params
-    params, ema = sharding.place(host, state_sh.params), sharding.place(host, state_sh.ema_params)
-    opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
-    state = TrainState(jax.device_put(np.int32(0), state_sh.step), params, ema, opt_state)
-
+    state = _initial_state(initial_params(config, spec) if loaded_params is None else loaded_params, tx, state_sh)
   step_fn = jax.jit(
       functools.partial(train_step, unet=unet, frozen=frozen, tx=tx, schedule=training_schedule(frozen),
                         config=config),
@@ -134,6 +108,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if config.eval.count and jax.process_index() == 0 and int(jax.device_get(state.step)) == config.num_steps:
     synthetic_eval.evaluate_run(config, workdir, builder, config.num_steps)
   return state
+
+
+# ----------------------------------------------------------------------------- before the loop
+
+
+def _load_models(config: ml_collections.ConfigDict, workdir: Path
+                 ) -> tuple[checkpointing.ModelSpec, Any, models.RewardUNet, Frozen, dict]:
+  """(spec, U-Net params loaded to learn the spec or None, the U-Net, frozen modules, their host
+  params) of the workdir, whose frozen parts and spec are written on the first run."""
+  spec, loaded_params = prepare_workdir(config, workdir)
+  kernels = ops.Kernels.from_config(config.model, "config.model")
+  spec = dataclasses.replace(spec, kernels=kernels)
+  if jax.process_index() == 0 and not checkpointing.is_checkpoint(workdir):
+    checkpointing.write_spec(workdir, spec)
+  frozen, fparams = load_frozen(workdir, models.DTYPES[config.model.dtype], kernels)
+  vae_config = pretrained.read_config(checkpointing.frozen_dir(workdir) / "vae")
+  edit.check_channels(spec.unet, int(vae_config.get("latent_channels", 4)),
+                      f"{workdir} (config.model.unet.in_channels / out_channels)")
+  unet = models.RewardUNet(spec.unet, reward=spec.reward, dtype=models.DTYPES[config.model.dtype],
+                           remat=config.model.remat, reward_dropout=config.model.reward_dropout, kernels=kernels)
+  return spec, loaded_params, unet, frozen, fparams
+
+
+def _state_shardings(unet: models.RewardUNet, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                     fsdp_min_size: int) -> tuple[TrainState, TrainState]:
+  """(the TrainState's abstract arrays, carrying their shardings; the shardings), derived from shapes."""
+  param_shapes = models.unet_param_shapes(unet)
+  abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, p, tx.init(p)), param_shapes)
+  state_sh = sharding.tree_shardings(abstract, mesh, fsdp_min_size)
+  abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+  return abstract, state_sh
+
+
+def _make_data(config: ml_collections.ConfigDict, workdir: Path, frozen: Frozen, fparams: dict
+               ) -> tuple[Any, grain.DatasetIterator, dict[str, np.ndarray] | None]:
+  """(TFDS builder or None when nothing needs it, batch iterator, sample-grid batch or None); the
+  latent cache is written first when config.data.latent_cache is "auto" and there is none yet."""
+  cache = cache_path(config, workdir)
+  have_cache = bool(cache) and (Path(cache) / latent_cache.INDEX).exists()
+  builder = build_data(config, workdir) if not have_cache or config.sample.every or config.eval.count else None
+  if cache and not have_cache:
+    if config.data.latent_cache != "auto":
+      raise FileNotFoundError(f"config.data.latent_cache={cache}: no latent cache there (make one with "
+                              "--config.job=precompute, or set it to 'auto')")
+    write_latent_cache(config, builder, frozen, jax.device_get(fparams), Path(cache))
+  data_iter, sample_batch = make_data_iterator(config, frozen, workdir, builder)
+  return builder, data_iter, sample_batch
+
+
+def _initial_state(host_params: Any, tx: optax.GradientTransformation, state_sh: TrainState) -> TrainState:
+  """Step 0: `host_params` as params and EMA params, placed by `state_sh`, and a fresh optimiser state."""
+  params, ema = sharding.place(host_params, state_sh.params), sharding.place(host_params, state_sh.ema_params)
+  opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
+  return TrainState(jax.device_put(np.int32(0), state_sh.step), params, ema, opt_state)
+
+
+# ----------------------------------------------------------------------------- the loop
 
 
 def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sample_fn) -> TrainState:
@@ -159,10 +190,7 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sa
   t0, images = time.time(), 0
   pending, interval, last = [], [], {}  # device metrics not yet fetched; fetched since the last log line
   for step in range(start + 1, config.num_steps + 1):
-    local = next(data_iter)
-    keys = latent_cache.FIELDS if config.data.latent_cache else BATCH_KEYS
-    batch = sharding.global_batch({k: local[k] for k in keys}, mesh)
-    state, metrics = step_fn(state, batch, fparams, rng)
+    state, metrics = step_fn(state, _next_batch(data_iter, config, mesh), fparams, rng)
     pending.append((step, metrics))
     images += config.batch_size
     log_now = step % config.log_every == 0 or step == config.num_steps
@@ -172,18 +200,11 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sa
       interval += _fetch_metrics(pending)
       pending, last = [], interval[-1]
     if log_now:
-      rate = images / max(time.time() - t0, 1e-9)
-      scalars = {**_mean_metrics(interval), "images_per_sec": rate, "lr": float(lr_schedule(config.optim)(step - 1))}
-      if writer is not None:
-        writer.write(step, scalars)
-      bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.1f}")
+      _log_interval(config, step, interval, images / max(time.time() - t0, 1e-9), writer, bar)
       t0, images, interval = time.time(), 0, []
     bar.update(1)
     if sample_fn is not None and config.sample.every and (step % config.sample.every == 0 or step == config.num_steps):
-      grid = sample_fn(state.ema_params, fparams)
-      if main_process:
-        files.write_image(workdir / "samples" / f"step_{step:07d}.png", grid)
-        writer.image("samples", grid, step)
+      _write_grid(sample_fn(state.ema_params, fparams), step, workdir, writer)
     if save_now:
       _save(manager, state, data_iter)
     if stopping:
@@ -194,6 +215,31 @@ def _loop(config, workdir, state, step_fn, fparams, data_iter, manager, mesh, sa
     print(f"done: step {int(jax.device_get(state.step))}/{config.num_steps}, "
           f"loss {float(last.get('loss', float('nan'))):.4f}, checkpoints in {workdir / checkpointing.STATE_DIR}")
   return state
+
+
+def _next_batch(data_iter: grain.DatasetIterator, config: ml_collections.ConfigDict,
+                mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """This process's next batch as global arrays over `mesh`: the fields the step reads."""
+  local = next(data_iter)
+  keys = latent_cache.FIELDS if config.data.latent_cache else BATCH_KEYS
+  return sharding.global_batch({k: local[k] for k in keys}, mesh)
+
+
+def _log_interval(config: ml_collections.ConfigDict, step: int, interval: list[dict[str, np.ndarray]], rate: float,
+                  writer: _MetricWriter | None, bar: tqdm) -> None:
+  """The metrics line of `step`: the interval's mean step metrics, its images/s and the lr of `step`."""
+  scalars = {**_mean_metrics(interval), "images_per_sec": rate, "lr": float(lr_schedule(config.optim)(step - 1))}
+  if writer is not None:
+    writer.write(step, scalars)
+  bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.1f}")
+
+
+def _write_grid(grid: np.ndarray, step: int, workdir: Path, writer: _MetricWriter | None) -> None:
+  """The sample grid (uint8 [H, W, 3]) of `step` as samples/step_<step>.png and in TensorBoard, by
+  the main process (the one with a `writer`)."""
+  if writer is not None:
+    files.write_image(workdir / "samples" / f"step_{step:07d}.png", grid)
+    writer.image("samples", grid, step)
 
 
 def _fetch_metrics(pending: list[tuple[int, dict]]) -> list[dict[str, np.ndarray]]:
