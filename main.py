@@ -11,18 +11,18 @@ from ml_collections import config_flags
 
 from mre_jax.errors import ConfigError
 
-# job name -> "module:function"; each function takes (config, workdir).
+# job name -> "module:function" (mre_jax/jobs/, train and precompute: mre_jax/train/); each takes (config, workdir).
 JOBS = {
     "train": "mre_jax.train.loop:train_and_evaluate",
     "precompute": "mre_jax.train.precompute:precompute_latents",
-    "convert": "mre_jax.io.export:convert",
-    "export": "mre_jax.io.export:export",
-    "evaluate": "mre_jax.eval.evaluators:evaluate",
-    "annotate": "mre_jax.eval.annotate:annotate",
-    "edit": "mre_jax.infer.edit:edit",
-    "vae": "mre_jax.train.vae_train:train_vae",
-    "study": "mre_jax.eval.study:run_study",
-    "serve": "mre_jax.app.serve:serve",
+    "convert": "mre_jax.jobs.convert:convert",
+    "export": "mre_jax.jobs.export:export",
+    "evaluate": "mre_jax.jobs.evaluate:evaluate",
+    "annotate": "mre_jax.jobs.annotate:annotate",
+    "edit": "mre_jax.jobs.edit:edit",
+    "vae": "mre_jax.jobs.vae:train_vae",
+    "study": "mre_jax.jobs.study:run_study",
+    "serve": "mre_jax.jobs.serve:serve",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file (configs/<job>.py[:variant]).",

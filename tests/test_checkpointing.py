@@ -8,7 +8,8 @@ import orbax.checkpoint as ocp
 
 from configs import convert as convert_config
 from mre_jax.infer import edit
-from mre_jax.io import checkpointing, export
+from mre_jax.io import checkpointing
+from mre_jax.jobs import convert as convert_job
 
 
 def _training_checkpoint(tiny_folder, workdir):
@@ -16,7 +17,7 @@ def _training_checkpoint(tiny_folder, workdir):
   (the raw params + 1), `opt_state` and `data`. Returns (workdir, params, ema_params)."""
   config = convert_config.get_config()
   config.source = str(tiny_folder)
-  export.convert(config, str(workdir))
+  convert_job.convert(config, str(workdir))
   params = jax.device_get(checkpointing.restore_params(workdir, step=0, use_ema=False)[1])
   ema = jax.tree_util.tree_map(lambda x: x + 1, params)
   manager = checkpointing.make_manager(workdir)

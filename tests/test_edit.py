@@ -18,7 +18,8 @@ from configs import evaluate as evaluate_config
 from mre_jax import ops
 from mre_jax.errors import ConfigError
 from mre_jax.infer import edit, sampling
-from mre_jax.io import export
+from mre_jax.jobs import convert as convert_job
+from mre_jax.jobs import edit as edit_job
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -29,7 +30,7 @@ RES = 64
 def checkpoint(tiny_folder, tmp_path_factory):
   config = convert_config.get_config()
   config.source = str(tiny_folder)
-  return export.convert(config, str(tmp_path_factory.mktemp("edit") / "ckpt"))
+  return convert_job.convert(config, str(tmp_path_factory.mktemp("edit") / "ckpt"))
 
 
 @pytest.fixture
@@ -125,7 +126,7 @@ def test_checkpoint_and_diffusers_folder_give_the_same_edit(checkpoint, tiny_fol
   outputs = []
   for source in (checkpoint, tiny_folder):
     out = tmp_path / f"{Path(source).name}.png"
-    [record] = edit.edit(_config(source, image=str(photo), output=str(out), seed=7))
+    [record] = edit_job.edit(_config(source, image=str(photo), output=str(out), seed=7))
     assert record["status"] == "ok" and Path(record["output"]) == out
     outputs.append(np.asarray(Image.open(out)))
   assert outputs[0].shape == (64, 96, 3)  # the input's aspect ratio, shorter side at the resolution
@@ -136,7 +137,7 @@ def test_checkpoint_and_diffusers_folder_give_the_same_edit(checkpoint, tiny_fol
 
 def test_second_edit_of_the_same_size_does_not_recompile(checkpoint, photo, tmp_path, sampler_traces):
   for i, seed in enumerate((1, 2)):
-    edit.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / f"{i}.png"), seed=seed,
+    edit_job.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / f"{i}.png"), seed=seed,
                       scores=(3.0, 4.0, 5.0), text_guidance=5.0 + i))
     if i == 0:  # 96x64 -> working size 64x64 (release, R=64): one program
       assert sampler_traces.since() == {("euler_ancestral", STEPS, (1, 64, 64, 3)): 1}
@@ -173,23 +174,23 @@ def test_bad_inputs_fail_early_with_no_output(overrides, error, match, checkpoin
   config.update({**overrides, **paths})
   before = _files(tmp_path)
   with pytest.raises(error, match=match):
-    edit.edit(config)
+    edit_job.edit(config)
   assert _files(tmp_path) == before
 
 
 def test_unwritable_output_folder_and_failed_sampling_leave_nothing(checkpoint, photo, tmp_path, monkeypatch):
   with pytest.raises(FileExistsError, match="photo.jpg: exists"):
-    edit.edit(_config(checkpoint, image=str(photo), output=str(photo)))
+    edit_job.edit(_config(checkpoint, image=str(photo), output=str(photo)))
 
   def refuse(*args, **kwargs):
     raise PermissionError(13, "Permission denied")
   with monkeypatch.context() as m:
-    m.setattr(edit.tempfile, "NamedTemporaryFile", refuse)
+    m.setattr(edit_job.tempfile, "NamedTemporaryFile", refuse)
     with pytest.raises(PermissionError, match=r"config.output=.*out.png: folder .* is not writable"):
-      edit.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / "out.png")))
+      edit_job.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / "out.png")))
   _poison_unet(monkeypatch)
   with pytest.raises(sampling.NonFiniteError, match=r"batch example\(s\) \[0\] has non-finite values"):
-    edit.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / "out.png"), scores=POISON))
+    edit_job.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / "out.png"), scores=POISON))
   assert _files(tmp_path) == ["photo.jpg"]
 
 
@@ -231,9 +232,9 @@ def test_size_rule_reaches_single_batch_and_evaluation_edits(rule, working, chec
     return np.full(pixels.shape, 0.5, np.float32)
   monkeypatch.setattr(edit, "edit_arrays", fake_edit)
   monkeypatch.setattr(edit, "sample_arrays", lambda *a, **k: (fake_edit(*a, **k), np.ones(len(a[1]), bool)))
-  edit.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / "one.png"), size_rule=rule))
+  edit_job.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / "one.png"), size_rule=rule))
   (tmp_path / "r.jsonl").write_text(json.dumps({"image": "photo.jpg", "instruction": "x"}) + "\n")
-  edit.edit(_config(checkpoint, requests=str(tmp_path / "r.jsonl"), size_rule=rule))
+  edit_job.edit(_config(checkpoint, requests=str(tmp_path / "r.jsonl"), size_rule=rule))
   config = evaluate_config.get_config()
   config.checkpoint, config.edit.resolution = str(checkpoint), RES
   assert config.edit.size_rule == "release"
@@ -252,7 +253,7 @@ def test_kernel_fields_reach_every_model_of_the_edit_and_evaluate_editors(checkp
     return editor
   monkeypatch.setattr(edit, "load_editor", load)
   monkeypatch.setattr(edit, "sample_arrays", lambda e, pixels, *a, **k: (np.zeros_like(pixels), np.ones(len(pixels), bool)))
-  edit.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / "one.png"), attention="xla", conv="winograd"))
+  edit_job.edit(_config(checkpoint, image=str(photo), output=str(tmp_path / "one.png"), attention="xla", conv="winograd"))
   config = evaluate_config.get_config()
   config.checkpoint, config.edit.resolution, config.edit.norm = str(checkpoint), RES, "xla"
   monkeypatch.setattr(edit, "edit_arrays", lambda e, pixels, *a, **k: np.zeros_like(pixels))
@@ -262,7 +263,7 @@ def test_kernel_fields_reach_every_model_of_the_edit_and_evaluate_editors(checkp
 
 def test_batch_mode_reports_failures_and_runs_the_rest(checkpoint, photo, tmp_path):
   single = tmp_path / "single.png"
-  edit.edit(_config(checkpoint, image=str(photo), output=str(single), seed=5))
+  edit_job.edit(_config(checkpoint, image=str(photo), output=str(single), seed=5))
   lines = [
       {"image": "photo.jpg", "instruction": "make it blue", "seed": 5},
       {"image": "missing.jpg", "instruction": "add snow"},
@@ -275,7 +276,7 @@ def test_batch_mode_reports_failures_and_runs_the_rest(checkpoint, photo, tmp_pa
   (tmp_path / "mine").mkdir()
   requests = tmp_path / "requests.jsonl"
   requests.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n\n")
-  records = edit.edit(_config(checkpoint, requests=str(requests), instruction=""))
+  records = edit_job.edit(_config(checkpoint, requests=str(requests), instruction=""))
   written = [json.loads(line) for line in (tmp_path / "edits" / "results.jsonl").read_text().splitlines()]
   assert written == records and [r["line"] for r in records] == [1, 2, 3, 4, 5, 6]
   assert [r["status"] for r in records] == ["ok", "error", "error", "error", "error", "ok"]
@@ -299,7 +300,7 @@ def test_batch_mode_reports_a_non_finite_edit_and_completes_its_batch_mates(chec
            {"image": "photo.jpg", "instruction": "add snow", "seed": 6}]
   requests = tmp_path / "requests.jsonl"
   requests.write_text("".join(json.dumps(x) + "\n" for x in lines))
-  records = edit.edit(_config(checkpoint, requests=str(requests), batch_size=4))  # one sampler call for all
+  records = edit_job.edit(_config(checkpoint, requests=str(requests), batch_size=4))  # one sampler call for all
   assert [r["status"] for r in records] == ["ok", "error", "ok"]
   assert records[1]["error"].startswith("non-finite values (NaN/inf) in the decoded image")
   assert _files(tmp_path / "edits") == ["0001-photo.png", "0003-photo.png", "results.jsonl"]
@@ -311,12 +312,12 @@ def test_batch_mode_fails_when_every_request_fails(checkpoint, tmp_path):
   requests = tmp_path / "r.jsonl"
   requests.write_text(json.dumps({"image": "gone.png", "instruction": "x"}) + "\n")
   with pytest.raises(ValueError, match="all 1 requests failed"):
-    edit.edit(_config(checkpoint, requests=str(requests)))
+    edit_job.edit(_config(checkpoint, requests=str(requests)))
   assert json.loads((tmp_path / "edits" / "results.jsonl").read_text())["status"] == "error"
   with pytest.raises(ConfigError, match="config.image and config.requests are exclusive"):
-    edit.edit(_config(checkpoint, requests=str(requests), image="x.png"))
+    edit_job.edit(_config(checkpoint, requests=str(requests), image="x.png"))
   with pytest.raises(FileNotFoundError, match="config.requests=.*none.jsonl: no such file"):
-    edit.edit(_config(checkpoint, requests=str(tmp_path / "none.jsonl")))
+    edit_job.edit(_config(checkpoint, requests=str(tmp_path / "none.jsonl")))
 
 
 def _main(*args):

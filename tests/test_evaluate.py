@@ -24,7 +24,9 @@ from configs import evaluate as evaluate_config
 from mre_jax import testing
 from mre_jax.data import records
 from mre_jax.errors import ConfigError
-from mre_jax.eval import annotate, evaluators, judge
+from mre_jax.eval import evaluators, judge
+from mre_jax.jobs import annotate as annotate_job
+from mre_jax.jobs import evaluate as evaluate_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATS = records.CATEGORIES
@@ -119,7 +121,7 @@ def test_table_from_known_answers(tmp_path, fake_edit, capsys):
   root, out = write_real_edit(tmp_path / "re"), tmp_path / "run"
   with FakeOpenAI(known_answers) as server:
     config = eval_config(root, server.url, factory)
-    table = evaluators.run_real_edit(config, str(out))
+    table = evaluate_job.run_real_edit(config, str(out))
     assert server.count == 44 and edit_count(log) == 14  # the unreadable answer was asked 3 times
     # The judge sees the fitted photo and the edit at 512 high: 32x24 -> 682x512.
     assert {im.shape for b in server.bodies for im in images_of(b)} == {(512, 682, 3)}
@@ -152,7 +154,7 @@ def test_table_from_known_answers(tmp_path, fake_edit, capsys):
     assert "answers re-asked this run (off-format): 1 (2 re-asks), 0 of them then read; still unparsed: 1" in markdown
     assert "| overall |" in capsys.readouterr().out
     # A second run edits nothing and pays only for re-asking the unreadable answer.
-    evaluators.run_real_edit(config, str(out))
+    evaluate_job.run_real_edit(config, str(out))
     assert server.count == 47 and edit_count(log) == 14
     assert all(is_reask(b) for b in server.bodies[44:])
   # --config.compare: side by side with the difference.
@@ -161,7 +163,7 @@ def test_table_from_known_answers(tmp_path, fake_edit, capsys):
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "table.json").write_text(json.dumps(other))
   config.real_edit_dir, config.compare = "", str(tmp_path / "other")
-  evaluators.evaluate(config, str(out))
+  evaluate_job.evaluate(config, str(out))
   assert "| overall | quality | 100.0 | 100.0 | 0.0 | 4.00 | 3.00 | 1.00 |" in capsys.readouterr().out
   assert (out / "compare.md").exists()
 
@@ -233,7 +235,7 @@ def test_synthetic_backend_end_to_end(tmp_path):
   config = evaluate_config.get_config()
   config.real_edit_dir = str(tmp_path / "re")
   config.judge.backend, config.judge.truth = "synthetic", info["truth"]
-  table = evaluators.run_real_edit(config, str(tmp_path / "run"), edit_fn=edit_fn)
+  table = evaluate_job.run_real_edit(config, str(tmp_path / "run"), edit_fn=edit_fn)
   rows = table["rows"]
   assert_cell(rows["overall"]["following"], 14, 8 / 14, 5 * 8 / 14)
   assert_cell(rows["Local"]["following"], 2, 1.0, 5.0)
@@ -249,13 +251,13 @@ def test_edit_factory_errors_are_clear(tmp_path):
   root = write_real_edit(tmp_path / "re", photos=1)
   config = eval_config(root, "http://127.0.0.1:9/v1", factory="mre_jax.no_such_module:make_edit_fn")
   with pytest.raises(ConfigError, match="config.edit_factory.*no_such_module"):
-    evaluators.run_real_edit(config, str(tmp_path / "a"))
+    evaluate_job.run_real_edit(config, str(tmp_path / "a"))
   config.edit_factory = "mre_jax.eval.judge:make_edit_fn"
   with pytest.raises(ConfigError, match="has no function make_edit_fn"):
-    evaluators.run_real_edit(config, str(tmp_path / "b"))
-  config.edit_factory = evaluators.DEFAULT_EDIT_FACTORY
+    evaluate_job.run_real_edit(config, str(tmp_path / "b"))
+  config.edit_factory = evaluate_job.DEFAULT_EDIT_FACTORY
   with pytest.raises(ConfigError, match="config.checkpoint"):
-    evaluators.run_real_edit(config, str(tmp_path / "c"))
+    evaluate_job.run_real_edit(config, str(tmp_path / "c"))
 
 
 def test_annotate_synthetic_writes_reward_edit(tmp_path):
@@ -267,7 +269,7 @@ def test_annotate_synthetic_writes_reward_edit(tmp_path):
   config = annotate_config.get_config()
   config.source = str(tmp_path / "ip")
   config.judge.backend, config.judge.truth = "synthetic", info["truth"]
-  out = annotate.annotate(config, str(tmp_path / "run"))
+  out = annotate_job.annotate(config, str(tmp_path / "run"))
   written = json.loads((tmp_path / "run" / "RewardEdit_20K.json").read_text())
   assert written == out and sorted(out) == [f"synth_{k:05d}" for k in range(4)]
   for name, entries in out.items():
@@ -277,7 +279,7 @@ def test_annotate_synthetic_writes_reward_edit(tmp_path):
   failures = json.loads((tmp_path / "run" / "failures.json").read_text())
   assert sorted(failures) == ["missing_folder", "seeds.json[6]", "synth_00004"]
   assert all(f["reason"] == "no_edit" and f["detail"] for f in failures.values())
-  annotate.annotate(config, str(tmp_path / "run"))  # Resumes: only the failures are tried.
+  annotate_job.annotate(config, str(tmp_path / "run"))  # Resumes: only the failures are tried.
   assert len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) == 9
 
 
@@ -296,7 +298,7 @@ def test_annotate_with_judge_server(tmp_path):
     config = annotate_config.get_config()
     config.source = str(tmp_path / "ip")
     config.judge.base_url, config.judge.api_key, config.judge.backoff_s = server.url, KEY, 0.01
-    out = annotate.annotate(config, str(tmp_path / "run"))
+    out = annotate_job.annotate(config, str(tmp_path / "run"))
     assert server.count == 8  # synth_00001's following: asked 3 times
     assert all("'failure'" in b["messages"][1]["content"][-1]["text"] for b in server.bodies)
   assert out == {"synth_00000": [
@@ -329,22 +331,22 @@ def test_garbling_server_annotate_labels_every_name_evaluate_judges_every_item(t
     config.source = str(tmp_path / "ip")
     config.judge.base_url, config.judge.api_key, config.judge.backoff_s = server.url, KEY, 0.01
     config.judge.concurrency = 2
-    out = annotate.annotate(config, str(tmp_path / "ann"))
+    out = annotate_job.annotate(config, str(tmp_path / "ann"))
     assert len(out) == 18 and json.loads((tmp_path / "ann" / "failures.json").read_text()) == {}
     results = [json.loads(l) for l in (tmp_path / "ann" / "results.jsonl").read_text().splitlines()]
     figures = judge.reask_counts(results)
     assert figures["reasked"] >= 3 and figures["recovered"] == figures["reasked"] and figures["unparsed"] == 0
     assert f"answers re-asked this run (off-format): {figures['reasked']} (" in capsys.readouterr().out
     sent = server.count
-    annotate.annotate(config, str(tmp_path / "ann"))  # Every name labelled: nothing to ask.
+    annotate_job.annotate(config, str(tmp_path / "ann"))  # Every name labelled: nothing to ask.
     assert server.count == sent
     root = write_real_edit(tmp_path / "re")
     config = eval_config(root, server.url, factory)
-    table = evaluators.run_real_edit(config, str(tmp_path / "ev"))
+    table = evaluate_job.run_real_edit(config, str(tmp_path / "ev"))
     assert table["counts"]["judged"] == 14 and table["counts"]["reask"]["unparsed"] == 0
     assert table["counts"]["reask"]["reasked"] >= 2
     sent = server.count
-    evaluators.run_real_edit(config, str(tmp_path / "ev"))
+    evaluate_job.run_real_edit(config, str(tmp_path / "ev"))
     assert server.count == sent
 
 
@@ -362,7 +364,7 @@ def test_annotate_never_writes_the_key(tmp_path, monkeypatch):
     config = annotate_config.get_config()
     config.source = str(tmp_path / "ip")
     config.judge.base_url, config.judge.backoff_s = server.url, 0.01
-    out = annotate.annotate(config, str(tmp_path / "run"))
+    out = annotate_job.annotate(config, str(tmp_path / "run"))
     assert set(server.auth) == {f"Bearer {KEY}"}
   assert sorted(out) == ["synth_00001"]
   failures = json.loads((tmp_path / "run" / "failures.json").read_text())
@@ -426,7 +428,7 @@ def test_release_protocol_on_hand_made_answers(tmp_path, capsys):
   (run / "table.json").write_text(json.dumps(proper))
   config = evaluate_config.get_config()
   config.compare, config.bootstrap_samples = "release", 50
-  evaluators.evaluate(config, str(run))
+  evaluate_job.evaluate(config, str(run))
   text = (run / "compare.md").read_text()
   assert text == capsys.readouterr().out.rstrip("\n") + "\n"
   assert text.startswith(f"A = {run} (proper protocol), B = {run} read by the release protocol (release protocol)")
@@ -472,7 +474,7 @@ def test_bad_evaluation_fields_fail_before_editing(tmp_path, field, value, match
   section, _, name = field.rpartition(".")
   setattr(config[section] if section else config, name, value)
   with pytest.raises(ConfigError, match=re.escape(match)):
-    evaluators.evaluate(config, str(tmp_path / "run"))
+    evaluate_job.evaluate(config, str(tmp_path / "run"))
   assert edit_count(log) == 0
 
 
@@ -484,7 +486,7 @@ def test_real_model_edits_through_the_default_edit_factory(tmp_path, tiny_folder
   config.checkpoint = str(tiny_folder)
   config.edit.steps, config.edit.resolution = 2, 64
   config.judge.backend, config.judge.truth = "synthetic", info["truth"]
-  table = evaluators.run_real_edit(config, str(tmp_path / "run"))
+  table = evaluate_job.run_real_edit(config, str(tmp_path / "run"))
   assert table["counts"]["items"] == 7 and table["counts"]["failed"] == 0
   assert table["rows"]["overall"]["quality"]["judged"] == 7
   assert len(list((tmp_path / "run").rglob("*.png"))) >= 7  # the edits, on disk for resuming
@@ -498,7 +500,7 @@ def test_annotate_a_tfds_source(tmp_path):
     config = annotate_config.get_config()
     config.dataset, config.manual_dir, config.data_dir = "instruct_pix2pix", str(tmp_path / "ip"), str(tmp_path / "tfds")
     config.judge.base_url, config.judge.api_key, config.judge.backoff_s = server.url, KEY, 0.01
-    out = annotate.annotate(config, str(tmp_path / "run"))
+    out = annotate_job.annotate(config, str(tmp_path / "run"))
     assert server.count == 9
   assert sorted(out) == sorted(info["examples"])
   assert [e["seed"] for e in out["synth_00001"]] == ["1"] * 3

@@ -15,7 +15,10 @@ from configs import convert as convert_config
 from configs import export as export_config
 from mre_jax import models, testing
 from mre_jax.data import tokens
+from mre_jax.errors import ConfigError
 from mre_jax.io import checkpointing, export, pretrained
+from mre_jax.jobs import convert as convert_job
+from mre_jax.jobs import export as export_job
 from mre_jax.models import tiny
 
 torch = pytest.importorskip("torch")
@@ -31,13 +34,13 @@ WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytor
 def _convert(source, workdir, **overrides):
   config = convert_config.get_config()
   config.update(dict(source=str(source), **overrides))
-  return export.convert(config, str(workdir))
+  return convert_job.convert(config, str(workdir))
 
 
 def _export(checkpoint, output_dir, **overrides):
   config = export_config.get_config()
   config.update(dict(checkpoint=str(checkpoint), output_dir=str(output_dir), **overrides))
-  return export.export(config)
+  return export_job.export(config)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +159,7 @@ def test_convert_errors_leave_no_output(tiny_folder, tmp_path):
   with pytest.raises(FileExistsError, match="workdir=.*full: exists and is not empty"):
     _convert(tiny_folder, tmp_path / "full")
   assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
-  with pytest.raises(export.ConfigError, match="config.reward='maybe'"):
+  with pytest.raises(ConfigError, match="config.reward='maybe'"):
     _convert(tiny_folder, tmp_path / "x", reward="maybe")
   _convert(tiny_folder, tmp_path / "ok")
   with pytest.raises(FileNotFoundError, match="no saved step 5"):

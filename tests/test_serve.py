@@ -21,6 +21,7 @@ from mre_jax.app import serve, serve_screenshot
 from mre_jax.data import records, synthetic
 from mre_jax.errors import ConfigError
 from mre_jax.infer import edit, sampling
+from mre_jax.jobs import serve as serve_job
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 64
@@ -31,7 +32,7 @@ def _settings(tiny_folder, **overrides):
   config = serve_config.get_config()
   config.update(dict(checkpoint=str(tiny_folder), resolution=RES, steps=STEPS))
   config.update(overrides)
-  return serve.check_config(config)
+  return serve_job.check_config(config)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_bad_config_fields_are_named(tiny_folder, changes, message):
 
 
 def test_cli_a_taken_port_exits_1_naming_it_before_loading_the_model(tmp_path):
-  taken = serve.listen("127.0.0.1", 0)
+  taken = serve_job.listen("127.0.0.1", 0)
   try:
     port = taken.getsockname()[1]
     out = subprocess.run([sys.executable, "main.py", "--config=configs/serve.py", f"--config.checkpoint={tmp_path}",

@@ -372,6 +372,7 @@ def test_export_and_edit_use_the_ema_parameters_unless_told_otherwise(reference,
   from configs import export as export_config
   from mre_jax.infer import edit
   from mre_jax.io import export
+  from mre_jax.jobs import export as export_job
   workdir, state = reference
   assert all(np.abs(a - b).max() > 0 for a, b in zip(_leaves(state.params), _leaves(state.ema_params)))
   in_channels = checkpointing.read_spec(workdir).unet.in_channels
@@ -380,7 +381,7 @@ def test_export_and_edit_use_the_ema_parameters_unless_told_otherwise(reference,
     config.checkpoint, config.output_dir = str(workdir), str(tmp_path / f"export_{use_ema}")
     if use_ema is not None:
       config.use_ema = use_ema
-    exported = export.unet_from_diffusers(export.export(config), in_channels=in_channels)[1]
+    exported = export.unet_from_diffusers(export_job.export(config), in_channels=in_channels)[1]
     _assert_trees_equal(exported, want)
     kwargs = {} if use_ema is None else {"use_ema": use_ema}
     _assert_trees_equal(edit.load_editor(workdir, **kwargs).unet_params, want)

@@ -10,6 +10,7 @@ from mre_jax.data import synthetic
 from mre_jax.errors import ConfigError
 from mre_jax.io import pretrained
 from mre_jax.models import tiny
+from mre_jax.jobs import vae as vae_job
 from mre_jax.train import vae_train
 
 
@@ -18,7 +19,7 @@ def vae_run(tmp_path_factory, tfds_tiny):
   config = vae_config.get_config("quick")
   config.data.data_dir = tfds_tiny
   workdir = tmp_path_factory.mktemp("vae")
-  vae_train.train_vae(config, str(workdir))
+  vae_job.train_vae(config, str(workdir))
   return config, workdir
 
 
@@ -83,7 +84,7 @@ def test_bad_vae_config_fails_early(override, message, tmp_path):
     target = target[p]
   target[leaf] = value
   with pytest.raises(ConfigError, match=message):
-    vae_train.train_vae(config, str(tmp_path))
+    vae_job.train_vae(config, str(tmp_path))
 
 
 def test_decoder_only_finetune_keeps_the_latents(vae_run, tmp_path):
@@ -93,7 +94,7 @@ def test_decoder_only_finetune_keeps_the_latents(vae_run, tmp_path):
   config = vae_config.get_config("quick")
   config.data.data_dir = vae_run[0].data.data_dir
   config.init, config.train_encoder, config.edge_weight = str(first), False, 1.0
-  vae_train.train_vae(config, str(tmp_path))
+  vae_job.train_vae(config, str(tmp_path))
   _, before = pretrained.load_vae(first)
   _, after = pretrained.load_vae(tmp_path)
   for part in ("encoder", "quant_conv"):
@@ -127,4 +128,4 @@ def test_decoder_only_needs_an_init(tmp_path):
   config = vae_config.get_config("quick")
   config.train_encoder = False
   with pytest.raises(ConfigError, match="train_encoder=False needs config.init"):
-    vae_train.train_vae(config, str(tmp_path))
+    vae_job.train_vae(config, str(tmp_path))

@@ -1,22 +1,18 @@
-"""The serve job: a Gradio page that edits uploaded images with one loaded model.
+"""The web editing page: a Gradio page that edits uploaded images with one loaded model.
 
-```
-python main.py --config=configs/serve.py --config.checkpoint=DIR [--config.port=7860]
-```
-
-The model is loaded once (`edit.load_editor`) and, with `config.warmup`, its sampler compiled
-once for the default steps and scheduler at the square working size before the server
-listens. Everything a visitor moves on the page (reward sliders, reward text, guidance, seed)
-is a traced value of that program; a new steps count, scheduler or working size (another
-aspect ratio) compiles once more and is then cached. Edits go through Gradio's queue one at a
-time (one edit holds the devices), so concurrent visitors wait their turn and each gets their
-image; the page shows the queue position and, while an edit runs, its denoising steps.
+The `serve` job (mre_jax/jobs/serve.py) loads the model once (`edit.load_editor`) and, with
+`config.warmup`, compiles its sampler once for the default steps and scheduler at the square
+working size before the server listens. Everything a visitor moves on the page (reward sliders,
+reward text, guidance, seed) is a traced value of that program; a new steps count, scheduler or
+working size (another aspect ratio) compiles once more and is then cached. Edits go through
+Gradio's queue one at a time (one edit holds the devices), so concurrent visitors wait their
+turn and each gets their image; the page shows the queue position and, while an edit runs, its
+denoising steps.
 
 A visitor's bad input (no image, not an image, an image over `config.max_megapixels`, an empty
 instruction, values out of range, a non-finite result) becomes a message on the page, never
 a server error. The page is built in `make_app`; `EditService` is the part without Gradio.
 """
-
 from __future__ import annotations
 
 import concurrent.futures
@@ -24,28 +20,29 @@ import dataclasses
 import itertools
 import math
 import random
-import socket
-import tempfile
 import time
 import warnings
+import os
 from pathlib import Path
-from typing import Any, Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
-from mre_jax import models
 from mre_jax.data import synthetic
-from mre_jax.errors import ConfigError, require
 from mre_jax.infer import edit, sampling
-from mre_jax.infer.sizes import SIZE_MULTIPLE, check_size_rule, output_size, working_size
+from mre_jax.infer.sizes import output_size, working_size
+
+if TYPE_CHECKING:
+  import gradio
 
 MAX_SEED = 2 ** 32
 TEXT_GUIDANCE_MAX = 20.0  # slider ranges; values sent through the API are checked against them
 IMAGE_GUIDANCE_MAX = 5.0
 EXAMPLE_SIZE = 64  # pixels: synthetic examples are rendered at the world's largest size
-URL_LINE = "Serving the editor on "  # the line `serve` prints once the server listens (tests read it)
+URL_LINE = "Serving the editor on "  # the line the serve job prints once the server listens (tests read it)
 
 
 class InputError(ValueError):
@@ -91,60 +88,10 @@ class EditRequest:
   seed: int
 
 
-# ----------------------------------------------------------------------------- config
-
-
-def _int_field(config, field: str, low: int, high: int | None = None) -> int:
-  value = config[field]
-  if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-    bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-    raise ConfigError(f"config.{field}={value!r}: expected an integer {bounds}")
-  return value
-
-
-def _number_field(config, field: str, low: float, high: float) -> float:
-  value = config[field]
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-    raise ConfigError(f"config.{field}={value!r}: expected a number in [{low:g}, {high:g}]")
-  return float(value)
-
-
-def check_config(config) -> Settings:
-  """Validates every field of `configs/serve.py` (ConfigError naming the field and value)."""
-  require(config, "checkpoint")
-  if not isinstance(config.host, str) or not config.host:
-    raise ConfigError(f"config.host={config.host!r}: expected an address such as 127.0.0.1")
-  resolution = _int_field(config, "resolution", SIZE_MULTIPLE)
-  if resolution % SIZE_MULTIPLE:
-    raise ConfigError(f"config.resolution={resolution!r}: expected a positive multiple of {SIZE_MULTIPLE}")
-  if config.scheduler not in sampling.SCHEDULERS:
-    raise ConfigError(f"config.scheduler={config.scheduler!r}: expected one of {', '.join(sampling.SCHEDULERS)}")
-  models.parse_dtype(config.dtype, "config.dtype")
-  max_steps = _int_field(config, "max_steps", 1)
-  if not isinstance(config.reward_text, str):
-    raise ConfigError(f"config.reward_text={config.reward_text!r}: expected a string")
-  if not isinstance(config.warmup, bool):
-    raise ConfigError(f"config.warmup={config.warmup!r}: expected True or False")
-  max_megapixels = config.max_megapixels
-  if isinstance(max_megapixels, bool) or not isinstance(max_megapixels, (int, float)) or not max_megapixels > 0:
-    raise ConfigError(f"config.max_megapixels={max_megapixels!r}: expected a positive number")
-  return Settings(
-      host=config.host, port=_int_field(config, "port", 0, 65535), queue_size=_int_field(config, "queue_size", 1),
-      max_upload_mb=_int_field(config, "max_upload_mb", 1), max_megapixels=float(max_megapixels),
-      warmup=config.warmup, examples=_int_field(config, "examples", 0, 100),
-      examples_seed=_int_field(config, "examples_seed", 0), resolution=resolution,
-      size_rule=check_size_rule(config.size_rule, "config.size_rule"), scheduler=config.scheduler,
-      steps=_int_field(config, "steps", 1, max_steps), max_steps=max_steps,
-      text_guidance=_number_field(config, "text_guidance", 0.0, TEXT_GUIDANCE_MAX),
-      image_guidance=_number_field(config, "image_guidance", 0.0, IMAGE_GUIDANCE_MAX),
-      seed=edit.check_seed(config.seed, "config.seed"), scores=edit.check_scores(config.scores, "config.scores"),
-      reward_text=config.reward_text)
-
-
 # ----------------------------------------------------------------------------- page inputs
 
 
-def open_upload(path: str | Path, name: str, max_megapixels: float) -> Image.Image:
+def open_upload(path: str | os.PathLike, name: str, max_megapixels: float) -> Image.Image:
   """Decodes an uploaded file as the edit CLI does (`edit.read_image`), refusing what is not an
   image and, before decoding, images over `max_megapixels`. `name` is what the visitor called it."""
   try:
@@ -281,7 +228,7 @@ class EditService:
     return edit.to_image(images[0], output_size(request.image.size, s.resolution, s.size_rule))
 
 
-def _run_reporting(fn: Callable, steps: int, report: Callable[[int, int], None] | None):
+def _run_reporting(fn: Callable, steps: int, report: Callable[[int, int], None] | None) -> Any:
   """fn() in a worker thread while this thread calls report(steps_done, steps) every 0.1 s.
 
   The sampler's step callbacks arrive on a JAX runtime thread; Gradio's progress tracker must be
@@ -320,7 +267,8 @@ def write_examples(folder: Path, count: int, seed: int) -> list[list[str]]:
 # ----------------------------------------------------------------------------- the page
 
 
-def _gradio():
+def load_gradio() -> ModuleType:
+  """The gradio module (the optional [app] extra, imported only for the page); OSError naming the extra if absent."""
   try:
     import gradio
   except ImportError:
@@ -333,9 +281,9 @@ CSS = ("#input_image img, #result img {width: 100%; height: 100%; object-fit: co
        ".mre-error {color: #b42318; font-weight: 600}")
 
 
-def make_app(service: EditService, examples: list[list[str]]):
+def make_app(service: EditService, examples: list[list[str]]) -> gradio.Blocks:
   """The page (a `gr.Blocks`, queued: one edit at a time, `settings.queue_size` waiting)."""
-  gr = _gradio()
+  gr = load_gradio()
   s = service.settings
   with gr.Blocks(title="MRE image editor", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
     gr.Markdown(f"## Instruction-based image editing with reward conditions\nModel: `{service.editor.source}`; "
@@ -353,53 +301,76 @@ def make_app(service: EditService, examples: list[list[str]]):
         result = gr.Image(label="Result", type="pil", format="png", interactive=False, buttons=["download"],
                           elem_id="result", height=300)
         status = gr.Markdown("", elem_id="status")
-        with gr.Accordion("Reward condition", open=True):
-          with gr.Row():
-            following = gr.Slider(0, edit.MAX_SCORE, s.scores[0], step=0.1, label="Instruction following",
-                                  elem_id="following")
-            preserving = gr.Slider(0, edit.MAX_SCORE, s.scores[1], step=0.1, label="Detail preserving",
-                                   elem_id="preserving")
-            quality = gr.Slider(0, edit.MAX_SCORE, s.scores[2], step=0.1, label="Generation quality",
-                                elem_id="quality")
-          reward_text = gr.Textbox(s.reward_text, label="Reward text (following; preserving; quality failures)",
-                                   elem_id="reward_text", max_lines=2)
-        with gr.Accordion("Sampler", open=True):
-          with gr.Row():
-            text_guidance = gr.Slider(0, TEXT_GUIDANCE_MAX, s.text_guidance, step=0.1, label="Text guidance",
-                                      elem_id="text_guidance")
-            image_guidance = gr.Slider(0, IMAGE_GUIDANCE_MAX, s.image_guidance, step=0.05, label="Image guidance",
-                                       elem_id="image_guidance")
-          with gr.Row():
-            steps = gr.Slider(1, s.max_steps, s.steps, step=1, label="Steps (a new value compiles once)",
-                              elem_id="steps")
-            scheduler = gr.Dropdown(list(sampling.SCHEDULERS), value=s.scheduler, label="Scheduler",
-                                    elem_id="scheduler")
-          with gr.Row(equal_height=True):
-            seed = gr.Number(s.seed, label="Seed", precision=0, minimum=0, maximum=MAX_SEED - 1, elem_id="seed")
-            randomize = gr.Button("Random seed", elem_id="random_seed", scale=0)
-    inputs = [image, instruction, following, preserving, quality, reward_text, text_guidance, image_guidance,
-              steps, scheduler, seed]
-
-    def edit_fn(*values, progress=gr.Progress()):
-      return _handle(service, values, progress)
-
-    # Raw values (preprocess=False): the upload is opened by `open_upload`, so a file that is not
-    # an image gets the page's message rather than an error inside Gradio's image decoding.
-    run = dict(fn=edit_fn, inputs=inputs, outputs=[result, status], preprocess=False, concurrency_limit=1,
-               concurrency_id="model")
-    button.click(api_name="edit", **run)
-    instruction.submit(api_visibility="undocumented", **run)
-    randomize.click(lambda: random.randrange(MAX_SEED), outputs=seed, queue=False, api_visibility="private")
-    if examples:
-      with examples_box:
-        gallery = gr.Examples(examples, [image, instruction], label="Examples from the synthetic world: click one "
-                              "to edit it", elem_id="examples", examples_per_page=len(examples))
-      gallery.load_input_event.then(api_visibility="private", **run)
+        rewards = _reward_controls(gr, s)
+        sampler, randomize = _sampler_controls(gr, s)
+    _connect(gr, service, [image, instruction, *rewards, *sampler], [result, status], button, randomize,
+             (examples, examples_box))
   demo.queue(max_size=s.queue_size, default_concurrency_limit=1)
   return demo
 
 
-def _handle(service: EditService, values, progress) -> tuple[Any, str]:
+def _reward_controls(gr: ModuleType, s: Settings) -> list:
+  """The reward condition's inputs: [following, preserving, quality sliders, reward text]."""
+  with gr.Accordion("Reward condition", open=True):
+    with gr.Row():
+      following = gr.Slider(0, edit.MAX_SCORE, s.scores[0], step=0.1, label="Instruction following",
+                            elem_id="following")
+      preserving = gr.Slider(0, edit.MAX_SCORE, s.scores[1], step=0.1, label="Detail preserving",
+                             elem_id="preserving")
+      quality = gr.Slider(0, edit.MAX_SCORE, s.scores[2], step=0.1, label="Generation quality",
+                          elem_id="quality")
+    reward_text = gr.Textbox(s.reward_text, label="Reward text (following; preserving; quality failures)",
+                             elem_id="reward_text", max_lines=2)
+  return [following, preserving, quality, reward_text]
+
+
+def _sampler_controls(gr: ModuleType, s: Settings) -> tuple[list, Any]:
+  """([text guidance, image guidance, steps, scheduler, seed], the random-seed button)."""
+  with gr.Accordion("Sampler", open=True):
+    with gr.Row():
+      text_guidance = gr.Slider(0, TEXT_GUIDANCE_MAX, s.text_guidance, step=0.1, label="Text guidance",
+                                elem_id="text_guidance")
+      image_guidance = gr.Slider(0, IMAGE_GUIDANCE_MAX, s.image_guidance, step=0.05, label="Image guidance",
+                                 elem_id="image_guidance")
+    with gr.Row():
+      steps = gr.Slider(1, s.max_steps, s.steps, step=1, label="Steps (a new value compiles once)",
+                        elem_id="steps")
+      scheduler = gr.Dropdown(list(sampling.SCHEDULERS), value=s.scheduler, label="Scheduler",
+                              elem_id="scheduler")
+    with gr.Row(equal_height=True):
+      seed = gr.Number(s.seed, label="Seed", precision=0, minimum=0, maximum=MAX_SEED - 1, elem_id="seed")
+      randomize = gr.Button("Random seed", elem_id="random_seed", scale=0)
+  return [text_guidance, image_guidance, steps, scheduler, seed], randomize
+
+
+def _connect(gr: ModuleType, service: EditService, inputs: list, outputs: list, button: Any, randomize: Any,
+             examples: tuple[list[list[str]], Any]) -> None:
+  """The page's events (inside its Blocks): edit on the button, Enter or an example; a random seed.
+
+  inputs: [image, instruction, the reward controls, the sampler controls (seed last)], in
+  `parse_request`'s order; examples: (rows, the column they are shown in).
+  """
+  image, instruction, seed = inputs[0], inputs[1], inputs[-1]
+
+  def edit_fn(*values, progress=gr.Progress()):
+    return _handle(service, values, progress)
+
+  # Raw values (preprocess=False): the upload is opened by `open_upload`, so a file that is not
+  # an image gets the page's message rather than an error inside Gradio's image decoding.
+  run = dict(fn=edit_fn, inputs=inputs, outputs=outputs, preprocess=False, concurrency_limit=1,
+             concurrency_id="model")
+  button.click(api_name="edit", **run)
+  instruction.submit(api_visibility="undocumented", **run)
+  randomize.click(lambda: random.randrange(MAX_SEED), outputs=seed, queue=False, api_visibility="private")
+  rows, box = examples
+  if rows:
+    with box:
+      gallery = gr.Examples(rows, [image, instruction], label="Examples from the synthetic world: click one "
+                            "to edit it", elem_id="examples", examples_per_page=len(rows))
+    gallery.load_input_event.then(api_visibility="private", **run)
+
+
+def _handle(service: EditService, values: tuple, progress: Callable) -> tuple[Any, str]:
   """Gradio's edit event: (result image or None, status markdown). Never raises.
 
   The status names the request's number, so that two equal messages in a row still differ.
@@ -423,53 +394,3 @@ def _handle(service: EditService, values, progress) -> tuple[Any, str]:
   seconds = time.perf_counter() - start
   return image, (f"Edited: {image.size[0]}x{image.size[1]} px in {seconds:.2f} s (seed {request.seed}, "
                  f"scores {', '.join(f'{v:g}' for v in request.scores)}; request {number}).")
-
-
-# ----------------------------------------------------------------------------- the job
-
-
-def listen(host: str, port: int) -> socket.socket:
-  """A listening TCP socket on (host, port); port 0: one the OS picks (read it back from the socket)."""
-  family = socket.AF_INET6 if ":" in host else socket.AF_INET
-  sock = socket.socket(family, socket.SOCK_STREAM)
-  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-  try:
-    sock.bind((host, port))
-    sock.listen(128)
-  except OSError as e:
-    sock.close()
-    raise OSError(f"config.host={host}, config.port={port}: cannot listen there ({e.strerror or e})") from None
-  return sock
-
-
-def serve(config, workdir: str | None = None) -> None:
-  """Job: load the model, compile, and serve the page until interrupted (Ctrl-C / SIGTERM)."""
-  del workdir  # nothing is written but Gradio's cache and the examples (a temporary folder)
-  settings = check_config(config)
-  gr = _gradio()
-  import fastapi  # Gradio's dependencies
-  import uvicorn
-
-  sock = listen(settings.host, settings.port)  # before the slow part: a taken port fails at once
-  try:
-    editor = edit.load_editor(config.checkpoint, step=config.step, use_ema=config.use_ema, dtype=config.dtype)
-    service = EditService(editor, settings)
-    if settings.warmup:
-      print(f"Compiling the sampler ({settings.steps} {settings.scheduler} steps, "
-            f"{settings.resolution}x{settings.resolution})...", flush=True)
-      print(f"Warm-up edit done in {service.warm_up():.1f} s", flush=True)
-    with tempfile.TemporaryDirectory(prefix="mre_serve_examples_") as folder:
-      examples = write_examples(Path(folder), settings.examples, settings.examples_seed)
-      demo = make_app(service, examples)
-      app = gr.mount_gradio_app(
-          fastapi.FastAPI(), demo, path="/", allowed_paths=[folder], max_file_size=f"{settings.max_upload_mb}mb",
-          footer_links=[], ssr_mode=False, css=CSS,
-          theme=gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                                  font_mono=["ui-monospace", "monospace"]))  # no web fonts: works offline
-      host, port = sock.getsockname()[:2]
-      url_host = f"[{host}]" if ":" in host else host
-      print(f"{URL_LINE}http://{url_host}:{port}/ (Ctrl-C stops it)", flush=True)
-      server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-      server.run(sockets=[sock])
-  finally:
-    sock.close()

@@ -1,38 +1,29 @@
-"""The `annotate` job: rewards for training triplets from a judge -> RewardEdit-20K JSON.
+"""Rewards for training triplets from a judge -> RewardEdit-20K entries (SPEC section 1).
 
-python main.py --config=configs/annotate.py --config.source=DIR --workdir=OUT
+The `annotate` job (mre_jax/jobs/annotate.py) runs these pieces. An InsPix2Pix folder is read
+directly: <source>/seeds.json is a list of [name, [seed, ...]], each <source>/<name>/ holds
+prompt.json (key `edit`: the instruction, a string or a list, the first is used) and
+<seed>_0.jpg (original), <seed>_1.jpg (edited). One pair per name is annotated (RewardEdit keys
+are names): the first listed seed whose two images exist; its seed is recorded in the entries
+(data/reward_edit reads it). A prepared TFDS builder can be the source instead
+(`dataset_triplets`).
 
-Reads an InsPix2Pix folder directly (SPEC section 1): <source>/seeds.json is a list of
-[name, [seed, ...]], each <source>/<name>/ holds prompt.json (key `edit`: the instruction,
-a string or a list, the first is used) and <seed>_0.jpg (original), <seed>_1.jpg (edited).
-One pair per name is annotated (RewardEdit keys are names): the first listed seed whose two
-images exist; its seed is recorded in the entries (data/reward_edit reads it).
-
-Each triplet is judged from the three perspectives, the judge also naming the failure
-points, and written as {<name>: [{"Score": s, "Negative Prompt": text, "seed": seed} x 3]}
-(following, preserving, quality; "None" when nothing is wrong) to <workdir>/<config.output>,
-atomically. Resumable twice over: names already in that file are skipped, and every paid
-answer is in <workdir>/judge_cache.jsonl. An answer that cannot be read is asked again
-(config.judge.max_tries), and a rerun asks again for those still unread
-(config.judge.rejudge_unparsed). Names that could not be annotated are listed with their
-reason in <workdir>/failures.json; <workdir>/results.jsonl holds this run's judgments, every
-try included; the summary line gives this run's re-ask figures.
+Each triplet is judged from the three perspectives, the judge also naming the failure points;
+`entries_from_results` turns the judgments into {<name>: [{"Score": s, "Negative Prompt": text,
+"seed": seed} x 3]} (following, preserving, quality; "None" when nothing is wrong).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
-from absl import logging
 
 from mre_jax.data import input_pipeline, records
-from mre_jax.errors import ConfigError, require
 from mre_jax.eval import judge
-from mre_jax.io import files
 
 
 @dataclasses.dataclass
@@ -47,11 +38,11 @@ class Triplet:
   load: Any = None  # () -> (original, edited) uint8 arrays, for records of a TFDS source
 
 
-def _triplet(root: str, name: str, seeds: list) -> Triplet:
+def _triplet(root: str | os.PathLike, name: str, seeds: list) -> Triplet:
   t = Triplet(name)
   try:
     folder = records.safe_join(root, name, "seeds.json name")
-    prompt = records.read_json(os.path.join(folder, "prompt.json"), "prompt.json")
+    prompt = records.read_json(Path(folder, "prompt.json"), "prompt.json")
     if not isinstance(prompt, dict):
       raise records.BadRecord("bad_json", f"{folder}/prompt.json is not an object")
     t.instruction = records.parse_instructions(prompt.get("edit"), f"{name}/prompt.json: edit")[0]
@@ -67,9 +58,9 @@ def _triplet(root: str, name: str, seeds: list) -> Triplet:
   return t
 
 
-def load_triplets(root: str) -> list[Triplet]:
+def load_triplets(root: str | os.PathLike) -> list[Triplet]:
   """One triplet per seeds.json entry, in file order; broken entries carry an `error`."""
-  path = os.path.join(root, "seeds.json")
+  path = Path(root, "seeds.json")
   listing = records.load_source_json(path, "annotate", "a list of [name, [seed, ...]]")
   if not isinstance(listing, list):
     raise ValueError(f"annotate: {path} must hold a list of [name, [seed, ...]], "
@@ -106,17 +97,18 @@ def dataset_triplets(config) -> list[Triplet]:
   return triplets
 
 
-def _load(path: str):
-  return lambda: (records.load_rgb(path[0]), records.load_rgb(path[1]))
+def _load(paths: tuple[str, str]) -> Callable:
+  return lambda: (records.load_rgb(paths[0]), records.load_rgb(paths[1]))
 
 
-def _fail(message: str):
+def _fail(message: str) -> Callable:
   def load():
     raise ValueError(message)
   return load
 
 
-def _requests(triplets: list[Triplet]) -> list:
+def judge_requests(triplets: list[Triplet]) -> list[judge.Request]:
+  """Three judge requests per triplet, each asking for the failure points too (`describe`)."""
   out = []
   for t in triplets:
     load = _fail(t.error) if t.error else (t.load or _load((t.original, t.edited)))
@@ -125,22 +117,7 @@ def _requests(triplets: list[Triplet]) -> list:
   return out
 
 
-def _read_output(path: str) -> dict:
-  """The RewardEdit JSON written so far ({} if none); a broken file is an error, not a reset."""
-  if not os.path.isfile(path):
-    return {}
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except ValueError as e:
-    raise ValueError(f"annotate: {path} exists but is not valid JSON ({e}); move it away to "
-                     "start over") from None
-  if not isinstance(data, dict):
-    raise ValueError(f"annotate: {path} must hold an object {{<name>: [entry x 3]}}")
-  return data
-
-
-def entries_from_results(results: list[dict]):
+def entries_from_results(results: list[dict]) -> tuple[dict, dict]:
   """Result records -> ({name: [entry x 3]}, {name: {"reason", "detail"}})."""
   by_name = {}
   for r in results:
@@ -155,39 +132,3 @@ def entries_from_results(results: list[dict]):
     done[name] = [{"Score": rows[p]["score"], "Negative Prompt": rows[p]["failure"],
                    "seed": rows[p]["seed"]} for p in judge.PERSPECTIVES]
   return done, failed
-
-
-def annotate(config, workdir: str) -> dict:
-  """The `annotate` job; returns the written RewardEdit dict."""
-  if not workdir:
-    raise ConfigError("--workdir is required (job 'annotate')")
-  if config.dataset:
-    if not config.data_dir:
-      raise ConfigError("config.data_dir is required with config.dataset (where TFDS data is built)")
-    triplets = dataset_triplets(config)
-  else:
-    root = require(config, "source")
-    if not os.path.isdir(root):
-      raise FileNotFoundError(f"config.source={root!r} is not a folder (an InsPix2Pix folder "
-                              "with seeds.json)")
-    triplets = load_triplets(root)
-  out_path = os.path.join(workdir, config.output)
-  os.makedirs(workdir, exist_ok=True)
-  output = _read_output(out_path)
-  triplets = triplets[:config.limit] if config.limit else triplets
-  todo = [t for t in triplets if t.name not in output]
-  logging.info("annotate: %d names, %d already annotated", len(triplets), len(triplets) - len(todo))
-  results = judge.judge_with_config(config.judge, workdir, _requests(todo))
-  done, failed = entries_from_results(results)
-  output.update(done)
-  files.write_json(out_path, output, indent=1, sort_keys=True)
-  files.write_json(os.path.join(workdir, "failures.json"), failed, indent=1, sort_keys=True)
-  files.write_jsonl(os.path.join(workdir, "results.jsonl"), results, sort_keys=True)
-  print(f"annotated {len(done)} names this run ({len(output)} in {out_path}); failed: "
-        f"{len(failed)} (see failures.json); {judge.reask_summary(judge.reask_counts(results))}",
-        flush=True)
-  return output
-
-
-# ------------------------------------------------------------- synthetic InsPix2Pix
-

@@ -1,18 +1,5 @@
-"""The Real-Edit evaluation job: edit every (photo, instruction), judge, tabulate (SPEC 5).
-
-python main.py --config=configs/evaluate.py --config.checkpoint=DIR \
-    --config.real_edit_dir=DIR --workdir=OUT [--config.compare=OTHER_RUN|release|proper]
-
-Workdir layout (every step resumes from it):
-  edits/<photo>-<crc>__<i>.png  the edits, lossless; an edit on disk is never redone
-  judge_cache.jsonl       every paid answer, append-only (mre_jax.eval.judge.JudgmentCache)
-  results.jsonl           one line per (edit, perspective): status, verdict, score, raw
-                          answer, every try (re-asks), latency, attempts, prompt version,
-                          model, category, ...
-  table.json, table.md    per perspective the share of "yes" and the mean score with 95%
-                          bootstrap intervals, overall and per category; judged/failed counts,
-                          re-ask figures, and the protocol that read the answers
-  run_config.json         the config of the last run, without the API key
+"""Real-Edit (SPEC 5): listing the (photo, instruction) pairs, making the missing edits, the
+judge's requests and the table. The `evaluate` job (mre_jax/jobs/evaluate.py) runs them.
 
 What the judge sees (SPEC section 5, as the release): the photo fitted to the editor's working
 size and the edit, both resized to config.judge_height (512) high, keeping the photo's aspect.
@@ -24,40 +11,38 @@ Two protocols turn answers into the table (config.judge.protocol):
            every perspective
 
 The editing model is injected: `edit_fn(images: list[PIL.Image], instructions: list[str])
--> list[PIL.Image]` (same order and length). The job builds it lazily, only when edits are
-missing, from config.edit_factory = "module:function" (default "mre_jax.infer.edit:make_edit_fn"):
-a function `make_edit_fn(config) -> edit_fn` that receives this job's whole config
-(config.checkpoint, config.edit.*).
+-> list[PIL.Image]` (same order and length); `make_edits` asks a factory for it only when edits
+are missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import glob
-import importlib
 import json
 import os
 import re
 import zlib
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 from absl import logging
 from PIL import Image
 
 from mre_jax.data import records
-from mre_jax.errors import ConfigError, require
+from mre_jax.errors import ConfigError
 from mre_jax.eval import judge
 from mre_jax.infer import sizes
 from mre_jax.io import files
 
-DEFAULT_EDIT_FACTORY = "mre_jax.infer.edit:make_edit_fn"
 FAILED = ("failed", "budget_exhausted", "no_edit")
 PROTOCOLS = ("proper", "release")  # how answers become the table (module docstring)
 _PROTOCOL_NOTES = {
     "proper": "each answer's dictionary parsed; an unreadable answer leaves out its own perspective",
     "release": "the release's rules: substring 'yes', first 'score': <float>; an item with an "
                "answer unreadable so is dropped from every perspective"}
+
+EditFn = Callable[[list[Image.Image], list[str]], list]  # edit_fn(images, instructions) -> edited images
 
 
 # ----------------------------------------------------------------------------- listing
@@ -67,10 +52,10 @@ class Item:
   """One (photo, instruction) of Real-Edit; `error` says why it cannot be edited."""
   image_name: str
   index: int
-  category: str
-  instruction: str
-  photo: str
-  edit_path: str
+  category: str = ""
+  instruction: str = ""
+  photo: str = ""
+  edit_path: Path | None = None
   error: str | None = None
 
   @property
@@ -78,7 +63,7 @@ class Item:
     return f"{self.image_name}#{self.index}"
 
 
-def parse_instruction(text) -> tuple[str, str]:
+def parse_instruction(text: object) -> tuple[str, str]:
   """"<Category>. ...: <instruction>" -> (category, instruction); ValueError if malformed."""
   if not isinstance(text, str) or "." not in text or ": " not in text:
     raise ValueError(f"{text!r} is not '<Category>. ...: <instruction>'")
@@ -91,11 +76,11 @@ def parse_instruction(text) -> tuple[str, str]:
   return category, instruction
 
 
-def listing_path(root: str, json_name: str = "") -> str:
-  """The Real-Edit JSON: `json_name` in `root`, else the only *.json there."""
+def listing_path(root: str | os.PathLike, json_name: str = "") -> str:
+  """The Real-Edit JSON: `json_name` in `root`, else the only *.json there (hidden files aside)."""
   if json_name:
-    return records.require_path(os.path.join(root, json_name), "real_edit", "the Real-Edit JSON")
-  found = sorted(glob.glob(os.path.join(root, "*.json")))
+    return str(records.require_path(Path(root, json_name), "real_edit", "the Real-Edit JSON"))
+  found = sorted(str(p) for p in Path(root).glob("*.json") if not p.name.startswith("."))
   if len(found) != 1:
     raise FileNotFoundError(f"real_edit: expected exactly one *.json in {root} (the Real-Edit "
                             f"{{<image file>: [string, ...]}}), found {found}; set config.json_name")
@@ -103,17 +88,18 @@ def listing_path(root: str, json_name: str = "") -> str:
 
 
 def _safe_name(image_name: str, index: int) -> str:
+  # The key split as a string (a directory part stays in the stem): existing workdirs' edits keep their names.
   stem = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(image_name)[0])
   return f"{stem}-{zlib.crc32(image_name.encode()):08x}__{index}.png"
 
 
-def _photo_path(root: str, image_name: str) -> str:
+def _photo_path(root: str | os.PathLike, image_name: str) -> str:
   direct = records.safe_join(root, image_name, "Real-Edit JSON key")
-  nested = records.safe_join(os.path.join(root, "images"), image_name, "Real-Edit JSON key")
-  return direct if os.path.isfile(direct) or not os.path.isfile(nested) else nested
+  nested = records.safe_join(Path(root, "images"), image_name, "Real-Edit JSON key")
+  return direct if Path(direct).is_file() or not Path(nested).is_file() else nested
 
 
-def load_real_edit(root: str, edits_dir: str, json_name: str = "") -> list[Item]:
+def load_real_edit(root: str | os.PathLike, edits_dir: str | os.PathLike, json_name: str = "") -> list[Item]:
   """Every (photo, instruction) of the listing, sorted by photo then index; malformed
   entries are kept as items with an `error` (they are counted as failed, never dropped)."""
   path = listing_path(root, json_name)
@@ -125,10 +111,10 @@ def load_real_edit(root: str, edits_dir: str, json_name: str = "") -> list[Item]
   for image_name in sorted(listing):
     texts = listing[image_name]
     if not isinstance(texts, list):
-      items.append(Item(image_name, 0, "", "", "", "", f"bad_entry: expected a list, got {texts!r}"))
+      items.append(Item(image_name, 0, error=f"bad_entry: expected a list, got {texts!r}"))
       continue
     for i, text in enumerate(texts):
-      item = Item(image_name, i, "", "", "", os.path.join(edits_dir, _safe_name(image_name, i)))
+      item = Item(image_name, i, edit_path=Path(edits_dir, _safe_name(image_name, i)))
       try:
         item.category, item.instruction = parse_instruction(text)
         item.photo = _photo_path(root, image_name)
@@ -140,25 +126,6 @@ def load_real_edit(root: str, edits_dir: str, json_name: str = "") -> list[Item]
 
 # ------------------------------------------------------------------------------- edits
 
-def load_edit_factory(spec: str):
-  """"module:function" -> the function; ConfigError naming config.edit_factory if absent."""
-  module_name, _, fn_name = spec.partition(":")
-  if not module_name or not fn_name:
-    raise ConfigError(f"config.edit_factory={spec!r}: expected 'module:function'")
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-      raise ConfigError(f"config.edit_factory={spec!r}: module {module_name} does not exist (is "
-                        "the editing pipeline installed yet?); point config.edit_factory at a "
-                        "'module:function' returning edit_fn(images, instructions)") from None
-    raise
-  if not hasattr(module, fn_name):
-    raise ConfigError(f"config.edit_factory={spec!r}: {module_name} has no function {fn_name} "
-                      "(expected make_edit_fn(config) -> edit_fn(images, instructions))")
-  return getattr(module, fn_name)
-
-
 def _to_pil(image, where: str) -> Image.Image:
   if isinstance(image, Image.Image):
     return image.convert("RGB")
@@ -169,7 +136,7 @@ def _to_pil(image, where: str) -> Image.Image:
   return Image.fromarray(arr)
 
 
-def _batches(items: list[Item], batch_size: int):
+def _batches(items: list[Item], batch_size: int) -> Iterator[list[Item]]:
   """Runs of at most `batch_size` items of one photo (one working size per edit_fn call)."""
   batch = []
   for it in items:
@@ -181,13 +148,13 @@ def _batches(items: list[Item], batch_size: int):
     yield batch
 
 
-def make_edits(items: list[Item], edit_fn_factory, batch_size: int) -> int:
+def make_edits(items: list[Item], edit_fn_factory: Callable[[], EditFn], batch_size: int) -> int:
   """Edits the items whose edit is not on disk yet; returns how many were edited.
 
   `edit_fn_factory()` is called once, only if something is missing. A batch never mixes
   photos. A photo that cannot be read marks its items with an error.
   """
-  pending = [it for it in items if it.error is None and not os.path.isfile(it.edit_path)]
+  pending = [it for it in items if it.error is None and not it.edit_path.is_file()]
   if not pending:
     return 0
   edit_fn = edit_fn_factory()
@@ -203,14 +170,14 @@ def make_edits(items: list[Item], edit_fn_factory, batch_size: int) -> int:
     if len(outputs) != len(batch):
       raise ValueError(f"edit_fn returned {len(outputs)} images for a batch of {len(batch)}")
     for it, out in zip(batch, outputs):
-      os.makedirs(os.path.dirname(it.edit_path), exist_ok=True)
+      it.edit_path.parent.mkdir(parents=True, exist_ok=True)
       files.write_image(it.edit_path, _to_pil(out, it.key))
     done += len(batch)
     logging.info("edited %d/%d", done, len(pending))
   return done
 
 
-# ------------------------------------------------------------------------ judge images
+# --------------------------------------------------------------------- the judge's requests
 
 def judge_images(photo: np.ndarray, edited: np.ndarray, *, resolution: int, size_rule: str,
                  height: int) -> tuple[np.ndarray, np.ndarray]:
@@ -229,16 +196,42 @@ def judge_images(photo: np.ndarray, edited: np.ndarray, *, resolution: int, size
                for im in (fitted, Image.fromarray(edited)))
 
 
+def _judge_pair(item: Item, prepare: Callable) -> Callable:
+  return lambda: prepare(records.load_rgb(item.photo), records.load_rgb(item.edit_path))
+
+
+def judge_requests(items: list[Item], prepare: Callable) -> list[judge.Request]:
+  """Three judge requests per item; `prepare(photo, edit) -> (original, edited)` as judged.
+
+  An item without an error whose edit is not on disk is marked "no_edit" (its requests fail).
+  """
+  out = []
+  for it in items:
+    if it.error is None and not it.edit_path.is_file():
+      it.error = "no_edit: the edit is missing"
+    meta = {"category": it.category, "image": it.image_name, "index": it.index,
+            "edit": it.edit_path.name if it.error is None else None}
+    load = _judge_pair(it, prepare) if it.error is None else _raiser(it.error)
+    out += [judge.Request(it.key, p, it.instruction, load, meta=meta) for p in judge.PERSPECTIVES]
+  return out
+
+
+def _raiser(message: str) -> Callable:
+  def load():
+    raise ValueError(message)
+  return load
+
+
 # ------------------------------------------------------------------------------- table
 
-def _bootstrap(values: np.ndarray, idx: np.ndarray):
+def _bootstrap(values: np.ndarray, idx: np.ndarray) -> list[float]:
   """95% percentile interval of the mean of `values` over resamples idx [B, n]."""
   means = values[idx].mean(axis=1)
   lo, hi = np.percentile(means, [2.5, 97.5])
   return [float(lo), float(hi)]
 
 
-def _cell(rows: list[dict], samples: int, rng) -> dict:
+def _cell(rows: list[dict], samples: int, rng: np.random.Generator) -> dict:
   """Stats of one (row, perspective) from its result records."""
   ok = [r for r in rows if r["status"] == "ok"]
   cell = {"judged": len(ok), "unparsed": sum(r["status"] == "unparsed" for r in rows),
@@ -316,11 +309,11 @@ def make_table(results: list[dict], *, protocol: str = "proper", samples: int = 
   return table
 
 
-def _pct(v):
+def _pct(v: float | None) -> str:
   return "-" if v is None else f"{100 * v:.1f}"
 
 
-def _num(v):
+def _num(v: float | None) -> str:
   return "-" if v is None else f"{v:.2f}"
 
 
@@ -350,25 +343,8 @@ def table_markdown(table: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _load_table(run: str) -> dict:
-  path = os.path.join(run, "table.json") if os.path.isdir(run) else run
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"compare: no table at {path} (a run folder with table.json, or the file)")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def _diff(a, b):
+def _diff(a: float | None, b: float | None) -> float | None:
   return None if a is None or b is None else a - b
-
-
-def _load_results(run: str) -> list[dict]:
-  path = os.path.join(run, "results.jsonl")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"compare: no results at {path} (config.compare=<protocol> reads "
-                            "this run's results that way)")
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def compare_markdown(table: dict, other: dict, name: str, other_name: str) -> str:
@@ -387,119 +363,3 @@ def compare_markdown(table: dict, other: dict, name: str, other_name: str) -> st
            for k, d in (("protocol", "proper"), ("prompt_version", None), ("models", None))
            if table.get(k, d) != other.get(k, d)]
   return "\n".join(lines + [""] + notes) + "\n"
-
-
-# ---------------------------------------------------------------------------- the job
-
-def check_config(config) -> None:
-  """The evaluation's own fields, checked before any editing (ConfigError naming field and value)."""
-  if config.judge.protocol not in PROTOCOLS:
-    raise ConfigError(f"config.judge.protocol={config.judge.protocol!r}: expected one of "
-                      f"{', '.join(PROTOCOLS)}")
-  sizes.check_size_rule(config.edit.size_rule, "config.edit.size_rule")
-  resolution, height = config.edit.resolution, config.judge_height
-  if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1 or resolution % 64:
-    raise ConfigError(f"config.edit.resolution={resolution!r}: expected a positive multiple of 64")
-  if isinstance(height, bool) or not isinstance(height, int) or height < 0:
-    raise ConfigError(f"config.judge_height={height!r}: expected an integer >= 0 (0: the photo and "
-                      "the edit as they are)")
-
-
-def _judge_pair(item: Item, prepare):
-  return lambda: prepare(records.load_rgb(item.photo), records.load_rgb(item.edit_path))
-
-
-def _requests(items: list[Item], prepare) -> list:
-  """Three judge requests per item; `prepare(photo, edit) -> (original, edited)` as judged."""
-  out = []
-  for it in items:
-    if it.error is None and not os.path.isfile(it.edit_path):
-      it.error = "no_edit: the edit is missing"
-    meta = {"category": it.category, "image": it.image_name, "index": it.index,
-            "edit": os.path.basename(it.edit_path) if it.error is None else None}
-    load = _judge_pair(it, prepare) if it.error is None else _raiser(it.error)
-    out += [judge.Request(it.key, p, it.instruction, load, meta=meta) for p in judge.PERSPECTIVES]
-  return out
-
-
-def _raiser(message: str):
-  def load():
-    raise ValueError(message)
-  return load
-
-
-def write_run_config(config, workdir: str) -> None:
-  """config as JSON, without the API key."""
-  d = config.to_dict()
-  d.get("judge", {}).pop("api_key", None)
-  files.write_json(os.path.join(workdir, "run_config.json"), d, indent=1, default=str)
-
-
-def run_real_edit(config, workdir: str, edit_fn=None) -> dict:
-  """Edits (missing edits only), judges and tabulates Real-Edit; returns the table.
-
-  edit_fn: the editing callable; None builds it from config.edit_factory when needed.
-  """
-  root = require(config, "real_edit_dir")
-  check_config(config)
-  edits_dir = os.path.join(workdir, "edits")
-  items = load_real_edit(root, edits_dir, config.json_name)
-  if config.limit:
-    items = items[:config.limit]
-  backend = judge.make_backend(config.judge)  # Config errors before hours of editing.
-  os.makedirs(edits_dir, exist_ok=True)
-  write_run_config(config, workdir)
-  make_edits(items, (lambda: edit_fn) if edit_fn else lambda: _build_edit_fn(config), config.batch_size)
-  # An exact backend compares with its ground truth at the photo's size: no resizing for it.
-  height = 0 if getattr(backend, "needs_source_images", False) else config.judge_height
-  prepare = functools.partial(judge_images, resolution=config.edit.resolution,
-                              size_rule=config.edit.size_rule, height=height)
-  results = judge.judge_with_config(config.judge, workdir, _requests(items, prepare), backend)
-  files.write_jsonl(os.path.join(workdir, "results.jsonl"), results, sort_keys=True)
-  table = make_table(results, protocol=config.judge.protocol, samples=config.bootstrap_samples,
-                     seed=config.seed)
-  files.write_json(os.path.join(workdir, "table.json"), table, indent=1)
-  markdown = table_markdown(table)
-  files.write_atomic(os.path.join(workdir, "table.md"), markdown)
-  print(markdown, flush=True)
-  return table
-
-
-def _build_edit_fn(config):
-  if config.edit_factory == DEFAULT_EDIT_FACTORY and not config.checkpoint:
-    raise ConfigError("config.checkpoint is required to edit (a project checkpoint folder); "
-                      "or set config.edit_factory")
-  return load_edit_factory(config.edit_factory)(config)
-
-
-def evaluate(config, workdir: str) -> None:
-  """The `evaluate` job: run Real-Edit into workdir, then compare with config.compare."""
-  if not workdir:
-    raise ConfigError("--workdir is required (job 'evaluate')")
-  check_config(config)
-  if config.real_edit_dir:
-    table = run_real_edit(config, workdir)
-  elif config.compare:
-    table = _load_table(workdir)
-  else:
-    raise ConfigError("config.real_edit_dir is required (job 'evaluate'), or config.compare "
-                      "with a workdir that has a table")
-  if config.compare:
-    other_name, other = _other_table(config, workdir)
-    text = compare_markdown(table, other, workdir, other_name)
-    files.write_atomic(os.path.join(workdir, "compare.md"), text)
-    print(text, flush=True)
-
-
-def _other_table(config, workdir: str):
-  """(name, table) config.compare names: a protocol reads this run's results, else another run's table."""
-  if config.compare in PROTOCOLS:
-    return (f"{workdir} read by the {config.compare} protocol",
-            make_table(_load_results(workdir), protocol=config.compare,
-                       samples=config.bootstrap_samples, seed=config.seed))
-  return config.compare, _load_table(config.compare)
-
-
-# ------------------------------------------------------------------ synthetic Real-Edit
-
-

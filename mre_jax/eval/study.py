@@ -1,6 +1,5 @@
-"""The `study` job: the paper's ablation, reward conditioning against no rewards, on the synthetic world.
-
-python main.py --config=configs/study.py --workdir=OUT [--config=configs/study.py:quick]
+"""The paper's ablation, reward conditioning against no rewards, on the synthetic world: the pieces
+the `study` job (mre_jax/jobs/study.py) runs.
 
 For every seed, two models train on the same data (synthetic_edit: most targets are corrupted
 edits, with their judged scores and failure texts), for the same steps, from the same seed:
@@ -11,52 +10,28 @@ with the same noise: the reward model at rewards (5, 5, 5) and "None; None; None
 judge (`synthetic_eval`) scores every edit. The knobs: the reward model edits again while
 the requested score of one perspective goes through `config.eval.knob_values` with the other
 two at 5 (its reward text says "None" at 5, else a generic failure of that perspective).
-
-OUT/
-  tfds/                             the data every model reads
-  reward_seed<s>/, baseline_seed<s>/  the train job's workdirs (checkpoints, latent cache,
-                                    logs, samples); a seed's two models share frozen parts
-  edits/<name>.npz                  every edit made (uint8), so a rerun resumes
-  table.json, table.md              means, paired differences, 95% bootstrap intervals over
-                                    seeds and examples, per perspective and category; knobs
-  bars.png, knobs.png, examples.png the figures
 """
 
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
+from typing import Callable
 
+import ml_collections
 import numpy as np
 
-from mre_jax.data import input_pipeline
-from mre_jax.errors import ConfigError
 from mre_jax.eval import synthetic_eval
 from mre_jax.eval.synthetic_eval import PERSPECTIVES
 from mre_jax.infer import edit
 from mre_jax.io import files
-from mre_jax.train import loop
 
 ARMS = ("baseline", "reward")
 # Reward text of a perspective whose requested score is below 5 (the data's generic wording).
 KNOB_TEXTS = ("the edit is only partly applied", "the image changed", "the image is noisy")
 
 
-def validate(config) -> None:
-  if not config.seeds:
-    raise ConfigError("config.seeds is empty: the study needs at least one seed")
-  if config.train.stage != 2:
-    raise ConfigError(f"config.train.stage={config.train.stage}: the study compares stage-2 models")
-  if config.eval.count < 1 or config.eval.knob_count < 1:
-    raise ConfigError(f"config.eval.count={config.eval.count}, config.eval.knob_count={config.eval.knob_count}: "
-                      "must be >= 1")
-  bad = [k for k in config.eval.knob_values if not 0 <= k <= 5]
-  if bad:
-    raise ConfigError(f"config.eval.knob_values has {bad}: requested scores are in [0, 5]")
-
-
-def train_config(config, out: Path, arm: str, seed: int):
+def train_config(config: ml_collections.ConfigDict, out: Path, arm: str, seed: int) -> ml_collections.ConfigDict:
   """The train job's config for one model: `config.train` with the arm's reward switch and seed."""
   cfg = copy.deepcopy(config.train)
   with cfg.unlocked():
@@ -65,14 +40,6 @@ def train_config(config, out: Path, arm: str, seed: int):
     cfg.data.data_dir = cfg.data.data_dir or str(out / "tfds")
     cfg.eval.count = 0  # the study evaluates both models itself, on the same examples
   return cfg
-
-
-def train_models(config, out: Path) -> None:
-  """Trains (or resumes, or finds finished) every (arm, seed) model."""
-  for seed in config.seeds:
-    for arm in ARMS:
-      print(f"study: training {arm} seed {seed}", flush=True)
-      loop.train_and_evaluate(train_config(config, out, arm, seed), str(out / f"{arm}_seed{seed}"))
 
 
 def knob_request(perspective: int, value: float) -> tuple[tuple[float, ...], str]:
@@ -85,7 +52,7 @@ def knob_request(perspective: int, value: float) -> tuple[tuple[float, ...], str
   return tuple(scores), "; ".join(texts)
 
 
-def cached_edits(out: Path, name: str, make_fn) -> np.ndarray:
+def cached_edits(out: Path, name: str, make_fn: Callable[[], np.ndarray]) -> np.ndarray:
   """uint8 edits stored under OUT/edits/<name>.npz; made (and stored atomically) when missing."""
   path = out / "edits" / f"{name}.npz"
   if path.is_file():
@@ -95,13 +62,14 @@ def cached_edits(out: Path, name: str, make_fn) -> np.ndarray:
   return images
 
 
-def _sampler(config) -> dict:
+def _sampler(config: ml_collections.ConfigDict) -> dict:
   ev = config.eval
   return dict(steps=ev.steps, text_guidance=ev.text_guidance, image_guidance=ev.image_guidance,
               batch_size=ev.batch_size, seed=ev.seed)
 
 
-def edit_all(config, out: Path, test, knob_test) -> dict[str, np.ndarray]:
+def edit_all(config: ml_collections.ConfigDict, out: Path, test: synthetic_eval.TestSet,
+             knob_test: synthetic_eval.TestSet) -> dict[str, np.ndarray]:
   """Judged scores [seeds, N, 3] per model and per knob setting ("knob/<perspective>/<value>")."""
   scores: dict[str, list] = {}
   for seed in config.seeds:
@@ -124,7 +92,8 @@ def edit_all(config, out: Path, test, knob_test) -> dict[str, np.ndarray]:
   return {k: np.stack(v) for k, v in scores.items()}
 
 
-def report(config, scores: dict[str, np.ndarray], test, knob_test) -> dict:
+def report(config: ml_collections.ConfigDict, scores: dict[str, np.ndarray], test: synthetic_eval.TestSet,
+           knob_test: synthetic_eval.TestSet) -> dict:
   """The study's figures as a JSON-able dict (see the module docstring)."""
   kw = dict(samples=config.eval.bootstrap_samples)
   models = {arm: synthetic_eval.summarize(scores[arm], test.categories, **kw) for arm in ARMS}
@@ -171,27 +140,3 @@ def table_markdown(result: dict) -> str:
     for value, cells in curve.items():
       lines.append(f"| {name} | {value} | " + " | ".join(_fmt(cells[p]) for p in PERSPECTIVES) + " |")
   return "\n".join(lines) + "\n"
-
-
-def run_study(config, workdir: str | os.PathLike | None) -> dict:
-  """Job: trains, edits, judges and reports (see the module docstring); resumes from `workdir`."""
-  if not workdir:
-    raise ConfigError("--workdir is required: models, edits and the report are written there")
-  validate(config)
-  out = Path(workdir).absolute()
-  out.mkdir(parents=True, exist_ok=True)
-  train_models(config, out)
-  data = config.train.data
-  builder = input_pipeline.build_dataset(data.name, data.data_dir or str(out / "tfds"), None,
-                                         config=data.builder_config)
-  test = synthetic_eval.load_test_set(builder, "test", config.eval.count)
-  knob_test = synthetic_eval.load_test_set(builder, "test", config.eval.knob_count)
-  scores = edit_all(config, out, test, knob_test)
-  result = report(config, scores, test, knob_test)
-  text = table_markdown(result)
-  files.write_json(out / "table.json", result, indent=2)
-  files.write_atomic(out / "table.md", text)
-  from mre_jax.eval import study_figures  # matplotlib: only the report needs it
-  study_figures.write_figures(out, result, config, test)
-  print(text)
-  return result

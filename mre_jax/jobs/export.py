@@ -1,0 +1,26 @@
+"""The `export` job: a project checkpoint -> a diffusers-format folder (safetensors only).
+
+python main.py --config=configs/export.py --config.checkpoint=DIR --config.output_dir=OUT
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mre_jax.errors import require
+from mre_jax.io import checkpointing
+from mre_jax.io.export import write_diffusers_folder
+
+
+def export(config, workdir: str | os.PathLike | None = None) -> Path:
+  """Job: project checkpoint `config.checkpoint` -> diffusers folder `config.output_dir`."""
+  del workdir  # export writes only to output_dir
+  ckpt = Path(require(config, "checkpoint"))
+  output_dir = Path(require(config, "output_dir"))
+  spec = checkpointing.read_spec(ckpt)  # a bad checkpoint is named before the output folder is looked at
+  checkpointing.check_output_dir(output_dir, config.overwrite, "output_dir")
+  step, params = checkpointing.restore_params(ckpt, step=config.step, use_ema=config.use_ema)
+  write_diffusers_folder(output_dir, spec, params, checkpointing.frozen_dir(ckpt))
+  print(f"exported step {step} ({'EMA' if config.use_ema else 'raw'} params) of {ckpt} -> {output_dir}")
+  return output_dir
