@@ -35,7 +35,7 @@ def _fail(message: str, code: int) -> None:
   sys.exit(code)
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
   if not flags.FLAGS["verbosity"].present:

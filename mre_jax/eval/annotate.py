@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import ml_collections
 import numpy as np
 
 from mre_jax.data import input_pipeline, records
@@ -75,7 +76,7 @@ def load_triplets(root: str | os.PathLike) -> list[Triplet]:
   return triplets
 
 
-def dataset_triplets(config) -> list[Triplet]:
+def dataset_triplets(config: ml_collections.ConfigDict) -> list[Triplet]:
   """Triplets of a prepared TFDS builder in data/ (config.dataset, e.g. instruct_pix2pix).
 
   A record's key in the output is the folder of its `name` field (`<folder>/<seed>`, with the

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -260,7 +261,7 @@ def check_scores(value: Any, field: str) -> tuple[float, float, float]:
 # ----------------------------------------------------------------------------- the Real-Edit runner
 
 
-def make_edit_fn(config) -> Callable[[Sequence[Image.Image], Sequence[str]], list[Image.Image]]:
+def make_edit_fn(config: ml_collections.ConfigDict) -> Callable[[Sequence[Image.Image], Sequence[str]], list]:
   """The Real-Edit runner's edit function (`configs/evaluate.py`: `checkpoint`, `edit.*`).
 
   Returns edit_fn(images, instructions) -> edited PIL images, every pair edited with the
@@ -275,7 +276,7 @@ def make_edit_fn(config) -> Callable[[Sequence[Image.Image], Sequence[str]], lis
   def edit_fn(images, instructions):
     n = len(instructions)
     return edit_images(editor, [to_rgb(im) for im in images], list(instructions), resolution=opts.resolution,
-                       size_rule=size_rule, seeds=[opts.seed] * n, scores=[scores] * n, reward_texts=[opts.reward_text] * n,
-                       steps=opts.steps, scheduler=opts.scheduler, text_guidance=opts.text_guidance,
-                       image_guidance=opts.image_guidance)
+                       size_rule=size_rule, seeds=[opts.seed] * n, scores=[scores] * n,
+                       reward_texts=[opts.reward_text] * n, steps=opts.steps, scheduler=opts.scheduler,
+                       text_guidance=opts.text_guidance, image_guidance=opts.image_guidance)
   return edit_fn

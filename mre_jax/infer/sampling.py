@@ -23,13 +23,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from mre_jax import models
 from mre_jax.infer import diffusion
 from mre_jax.io import pretrained
 from mre_jax.train import sharding
@@ -123,7 +124,7 @@ class Conditioning(NamedTuple):
   init_noise: jax.Array | None = None
 
 
-def seed_keys(seeds) -> np.ndarray:
+def seed_keys(seeds: Sequence[int]) -> np.ndarray:
   """Python int seeds [B] -> uint32 [B, 2] PRNG keys (`jax.random.PRNGKey` each)."""
   return np.stack([np.asarray(jax.random.PRNGKey(int(s))) for s in seeds])
 
@@ -194,12 +195,12 @@ def _normal(keys: jax.Array, index: int | jax.Array, shape: tuple[int, ...]) -> 
 _PROGRESS_BAR: list = [None]  # the tqdm-like bar that `progress=True` samplers advance
 
 
-def set_progress_bar(bar) -> None:
+def set_progress_bar(bar: Any | None) -> None:
   """Routes per-step progress of `progress=True` samplers to `bar` (anything with update(n); None: off)."""
   _PROGRESS_BAR[0] = bar
 
 
-def _report_step(step):
+def _report_step(step: jax.Array) -> None:
   """Host side of the per-step callback."""
   del step
   if _PROGRESS_BAR[0] is not None:
@@ -245,8 +246,8 @@ def _sample(unet_params, vae_params, cond: Conditioning, guidance: jax.Array, *,
   return jnp.clip(pixels / 2 + 0.5, 0.0, 1.0), finite
 
 
-def make_sample_fn(unet, vae, scaling_factor: float, spec: SamplerSpec, *, progress: bool = False,
-                   mesh: Mesh | None = None) -> Callable:
+def make_sample_fn(unet: models.RewardUNet, vae: models.AutoencoderKL, scaling_factor: float, spec: SamplerSpec, *,
+                   progress: bool = False, mesh: Mesh | None = None) -> Callable:
   """The jitted editing sampler for one model and scheduler setting.
 
   Args:
@@ -279,8 +280,8 @@ class NonFiniteError(ValueError):
 _SAMPLE_FNS: dict = {}
 
 
-def cached_sample_fn(unet, vae, scaling_factor: float, spec: SamplerSpec, *, progress: bool = True,
-                     mesh: Mesh | None = None) -> Callable:
+def cached_sample_fn(unet: models.RewardUNet, vae: models.AutoencoderKL, scaling_factor: float, spec: SamplerSpec, *,
+                     progress: bool = True, mesh: Mesh | None = None) -> Callable:
   """`make_sample_fn`, built once per (U-Net, VAE architecture, spec, progress, mesh) in this process.
 
   Editors loaded twice from the same (or an equal) model share the compiled programs. The VAE
@@ -292,7 +293,7 @@ def cached_sample_fn(unet, vae, scaling_factor: float, spec: SamplerSpec, *, pro
   return _SAMPLE_FNS[key]
 
 
-def check_finite(finite, what: str = "edit") -> None:
+def check_finite(finite: np.ndarray, what: str = "edit") -> None:
   """Raises NonFiniteError naming the examples whose decode held NaN or inf."""
   bad = [int(i) for i in np.flatnonzero(~np.asarray(finite))]
   if bad:

@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+import ml_collections
 from absl import logging
 
 from mre_jax.errors import ConfigError, require
@@ -26,7 +27,7 @@ from mre_jax.eval.annotate import Triplet, dataset_triplets, entries_from_result
 from mre_jax.io import files
 
 
-def annotate(config, workdir: str | os.PathLike | None) -> dict:
+def annotate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None) -> dict:
   """The `annotate` job; returns the written RewardEdit dict."""
   if not workdir:
     raise ConfigError("--workdir is required (job 'annotate')")
@@ -50,7 +51,7 @@ def annotate(config, workdir: str | os.PathLike | None) -> dict:
   return output
 
 
-def _triplets(config) -> list[Triplet]:
+def _triplets(config: ml_collections.ConfigDict) -> list[Triplet]:
   """The source's triplets: config.dataset (a TFDS builder) or the InsPix2Pix folder config.source."""
   if config.dataset:
     if not config.data_dir:

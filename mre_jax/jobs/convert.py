@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import ml_collections
 from absl import logging
 
 from mre_jax.errors import ConfigError, require
@@ -16,7 +17,7 @@ from mre_jax.io import checkpointing, export
 REWARD = {"auto": None, "on": True, "off": False}  # config.reward -> unet_from_diffusers(reward=...)
 
 
-def convert(config, workdir: str | os.PathLike | None) -> Path:
+def convert(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None) -> Path:
   """Job: diffusers folder `config.source` -> project checkpoint in `workdir`."""
   source = Path(require(config, "source"))
   if not workdir:

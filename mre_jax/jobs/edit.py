@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 from absl import logging
 from PIL import Image
@@ -67,7 +68,7 @@ class Settings:
   seed: int
 
 
-def check_config(config) -> Settings:
+def check_config(config: ml_collections.ConfigDict) -> Settings:
   """Validates the job's value fields (ConfigError naming the field and value)."""
   require(config, "checkpoint")
   steps, resolution = config.steps, config.resolution
@@ -131,7 +132,7 @@ def save_image(image: Image.Image, path: Path) -> None:
 # ----------------------------------------------------------------------------- the job
 
 
-def edit(config, workdir: str | os.PathLike | None = None) -> list[dict]:
+def edit(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> list[dict]:
   """Job: edit `config.image` (single) or every line of `config.requests` (batch).
 
   Returns the result records (batch: also written to the results JSONL).
@@ -145,7 +146,7 @@ def edit(config, workdir: str | os.PathLike | None = None) -> list[dict]:
   return [_edit_single(config, settings)]
 
 
-def _load(config) -> editing.Editor:
+def _load(config: ml_collections.ConfigDict) -> editing.Editor:
   return editing.load_editor(config.checkpoint, step=config.step, use_ema=config.use_ema, dtype=config.dtype,
                              kernels=ops.Kernels.from_config(config, "config"))
 
@@ -155,7 +156,7 @@ def _sampler_kwargs(settings: Settings) -> dict:
               image_guidance=settings.image_guidance)
 
 
-def _edit_single(config, settings: Settings) -> dict:
+def _edit_single(config: ml_collections.ConfigDict, settings: Settings) -> dict:
   image_path = Path(require(config, "image"))
   instruction = check_instruction(config.instruction, "config.instruction")
   output = Path(require(config, "output"))
@@ -193,7 +194,7 @@ class _Request:
     self.pixels = None
 
 
-def _edit_batch(config, settings: Settings) -> list[dict]:
+def _edit_batch(config: ml_collections.ConfigDict, settings: Settings) -> list[dict]:
   requests_path = Path(config.requests)
   if not requests_path.is_file():
     raise FileNotFoundError(f"config.requests={requests_path}: no such file")
@@ -218,7 +219,8 @@ def _edit_batch(config, settings: Settings) -> list[dict]:
   return records
 
 
-def _read_requests(path: Path, out_dir: Path, config, settings: Settings) -> list[_Request]:
+def _read_requests(path: Path, out_dir: Path, config: ml_collections.ConfigDict,
+                   settings: Settings) -> list[_Request]:
   """Parses and validates every non-blank line; a bad line becomes a failed request, not an error."""
   requests, outputs = [], {}
   for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -237,7 +239,8 @@ def _read_requests(path: Path, out_dir: Path, config, settings: Settings) -> lis
   return requests
 
 
-def _prepare_request(request: _Request, line: str, base: Path, out_dir: Path, config, settings: Settings) -> None:
+def _prepare_request(request: _Request, line: str, base: Path, out_dir: Path, config: ml_collections.ConfigDict,
+                     settings: Settings) -> None:
   number = request.record["line"]
   try:
     raw = json.loads(line)

@@ -30,6 +30,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import ml_collections
+
 from mre_jax.errors import ConfigError, require
 from mre_jax.eval import evaluators, judge
 from mre_jax.infer import sizes
@@ -38,7 +40,7 @@ from mre_jax.io import files
 DEFAULT_EDIT_FACTORY = "mre_jax.infer.edit:make_edit_fn"
 
 
-def check_config(config) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
   """The evaluation's own fields, checked before any editing (ConfigError naming field and value)."""
   if config.judge.protocol not in evaluators.PROTOCOLS:
     raise ConfigError(f"config.judge.protocol={config.judge.protocol!r}: expected one of "
@@ -71,21 +73,22 @@ def load_edit_factory(spec: str) -> Callable:
   return getattr(module, fn_name)
 
 
-def _build_edit_fn(config) -> evaluators.EditFn:
+def _build_edit_fn(config: ml_collections.ConfigDict) -> evaluators.EditFn:
   if config.edit_factory == DEFAULT_EDIT_FACTORY and not config.checkpoint:
     raise ConfigError("config.checkpoint is required to edit (a project checkpoint folder); "
                       "or set config.edit_factory")
   return load_edit_factory(config.edit_factory)(config)
 
 
-def write_run_config(config, workdir: str | os.PathLike) -> None:
+def write_run_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
   """config as JSON, without the API key."""
   d = config.to_dict()
   d.get("judge", {}).pop("api_key", None)
   files.write_json(Path(workdir, "run_config.json"), d, indent=1, default=str)
 
 
-def run_real_edit(config, workdir: str | os.PathLike, edit_fn: evaluators.EditFn | None = None) -> dict:
+def run_real_edit(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                  edit_fn: evaluators.EditFn | None = None) -> dict:
   """Edits (missing edits only), judges and tabulates Real-Edit; returns the table.
 
   edit_fn: the editing callable; None builds it from config.edit_factory when needed.
@@ -116,7 +119,7 @@ def run_real_edit(config, workdir: str | os.PathLike, edit_fn: evaluators.EditFn
   return table
 
 
-def evaluate(config, workdir: str | os.PathLike | None) -> None:
+def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None) -> None:
   """The `evaluate` job: run Real-Edit into workdir, then compare with config.compare."""
   if not workdir:
     raise ConfigError("--workdir is required (job 'evaluate')")
@@ -135,7 +138,7 @@ def evaluate(config, workdir: str | os.PathLike | None) -> None:
     print(text, flush=True)
 
 
-def _other_table(config, workdir: str | os.PathLike) -> tuple[str, dict]:
+def _other_table(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tuple[str, dict]:
   """(name, table) config.compare names: a protocol reads this run's results, else another run's table."""
   if config.compare in evaluators.PROTOCOLS:
     return (f"{workdir} read by the {config.compare} protocol",

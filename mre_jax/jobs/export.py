@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import ml_collections
+
 from mre_jax.errors import require
 from mre_jax.io import checkpointing
 from mre_jax.io.export import write_diffusers_folder
 
 
-def export(config, workdir: str | os.PathLike | None = None) -> Path:
+def export(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> Path:
   """Job: project checkpoint `config.checkpoint` -> diffusers folder `config.output_dir`."""
   del workdir  # export writes only to output_dir
   ckpt = Path(require(config, "checkpoint"))

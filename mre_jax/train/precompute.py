@@ -4,10 +4,13 @@ latent cache (mre_jax.data.latent_cache) so that training runs only the U-Net.""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
@@ -18,8 +21,11 @@ from mre_jax.train import sharding
 from mre_jax.train.setup import build_data, initialize_distributed, prepare_workdir, sync
 from mre_jax.train.trainer import BATCH_KEYS, Frozen, encode_batch, load_frozen
 
+if TYPE_CHECKING:
+  import tensorflow_datasets as tfds
 
-def precompute_latents(config, workdir: str | None) -> Path:
+
+def precompute_latents(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None) -> Path:
   """Job (configs/train.py with --config.job=precompute): encodes the training data once.
 
   Writes `config.data.latent_cache` (see latent_cache); training with that field set then runs
@@ -41,13 +47,14 @@ def precompute_latents(config, workdir: str | None) -> Path:
   return write_latent_cache(config, build_data(config, workdir), frozen, fparams, cache)
 
 
-def write_latent_cache(config, builder, frozen: Frozen, fparams, cache: Path, mesh: Mesh | None = None) -> Path:
+def write_latent_cache(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, frozen: Frozen,
+                       fparams: Any, cache: str | os.PathLike, mesh: Mesh | None = None) -> Path:
   """Encodes `config.data.split` of `builder` with the frozen encoders into `cache`.
 
   Data parallel over `mesh` (default: this process's devices, `sharding.local_mesh`): the encoders'
   params are replicated, each batch is padded to a multiple of the device count and split over them.
   """
-  data = config.data
+  cache, data = Path(cache), config.data
   ds = input_pipeline.create_dataset(
       input_pipeline.data_source(builder, data.split), global_batch_size=config.batch_size,
       crop_size=data.crop_size, tokenize_fn=tokens.tokenize_fn(frozen.tokenizer), seed=config.seed,

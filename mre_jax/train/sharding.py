@@ -8,7 +8,7 @@ when it is large enough to be worth it; everything else is replicated.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp) mesh over all devices; -1 on one axis takes the devices left over."""
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
@@ -78,10 +78,12 @@ def tree_shardings(tree: Any, mesh: Mesh, min_size: int = 2**14) -> Any:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """The same full value on every device of `mesh`."""
   return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The leading (batch) axis split over every device of `mesh` (`BATCH_AXES`)."""
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
