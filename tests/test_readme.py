@@ -50,3 +50,28 @@ def test_a_skip_fails_the_run_under_ci(tmp_path):
   assert ci.returncode == 1 and "1 failed, 1 passed, 1 xfailed, 1 error" in ci.stdout, ci.stdout[-3000:]
   assert "test_import.py skipped under CI=true" in ci.stdout and "no_such_module" in ci.stdout
   assert "test_run.py::test_skip skipped under CI=true" in ci.stdout and "no compiler" in ci.stdout
+
+
+def test_layout_section_names_every_package_and_module():
+  """README's layout reads as the tree: each sub-package of mre_jax is listed as a folder, and each
+  of its modules by file name."""
+  section = README.split("## Layout", 1)[1].split("\n## ", 1)[0]
+  block = re.search(r"```\n(.*?)```", section, re.S).group(1)
+  rows = {}  # folder -> its text (the row and its continuation lines)
+  for line in block.splitlines():
+    if line and not line.startswith(" "):
+      folder = line.split()[0]
+      rows[folder] = line
+    elif line:
+      rows[folder] += line
+  packages = sorted(p.parent for p in (ROOT / "mre_jax").glob("*/__init__.py"))
+  assert packages
+  for package in packages:
+    folder = f"mre_jax/{package.name}/"
+    assert folder in rows, f"README layout lacks {folder}"
+    for module in sorted(package.glob("*.py")):
+      if module.name != "__init__.py":
+        assert module.name in rows[folder], f"README layout: {folder} row does not name {module.name}"
+  for module in sorted((ROOT / "mre_jax").glob("*.py")):
+    if module.name not in ("__init__.py", "errors.py"):
+      assert f"mre_jax/{module.name}" in rows, f"README layout lacks mre_jax/{module.name}"

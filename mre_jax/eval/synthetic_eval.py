@@ -8,7 +8,7 @@ overall and per category, next to two references judged the same way: the unchan
 (what a model that ignores the instruction gets) and the ground-truth edit (5, 5, 5).
 
 The train job runs `evaluate_run` at its end (`config.eval`) and writes `<workdir>/eval.json`;
-the study (mre_jax/study.py) calls the pieces below for every model, seed and reward request.
+the study (mre_jax/eval/study.py) calls the pieces below for every model, seed and reward request.
 """
 
 from __future__ import annotations
