@@ -147,7 +147,7 @@ def test_reward_edit_fails_when_too_many_records_are_bad(tmp_path):
   _reward_edit_source(tmp_path / "src")
   with pytest.raises(ValueError, match=r"15 of 23 records are bad.*\"bad_score\": 4"):
     _build("reward_edit", tmp_path, tmp_path / "src")
-  assert not os.path.exists(tmp_path / "tfds" / "reward_edit" / "test" / "1.0.0" / "dataset_info.json")
+  assert not list((tmp_path / "tfds" / "reward_edit").rglob("dataset_info.json"))  # no version was published
 
 
 def test_reward_edit_missing_source_names_the_expected_path(tmp_path):
@@ -344,7 +344,7 @@ def test_the_tfds_build_command_builds_readable_datasets(tmp_path):
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   _tfds_build([str(root / "data" / "real_edit"), f"--manual_dir={src}"], elsewhere, out)
-  real = tfds.builder_from_directory(str(out / "real_edit" / "default" / "1.0.0"))
+  real = tfds.builder_from_directory(str(out / "real_edit" / "default" / "1.0.1"))
   test = real.as_data_source("test")
   assert len(test) == 7 and real.info.splits["test"].num_examples == 7
   instructions = sorted(test[i]["instruction"].decode() for i in range(7))

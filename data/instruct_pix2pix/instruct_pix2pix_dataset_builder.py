@@ -29,8 +29,10 @@ class InstructPix2PixConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
   """DatasetBuilder for instruct_pix2pix."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.0.1")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.0.1": "Transparent images are composited over white (mre_jax.data.images.to_rgb, the "
+                            "editor's conversion); 1.0.0 dropped alpha."}
   BUILDER_CONFIGS = [InstructPix2PixConfig(name="default")]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Put the InstructPix2Pix clip-filtered data in the manual dir, either as the original

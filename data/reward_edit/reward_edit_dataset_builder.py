@@ -33,8 +33,10 @@ class RewardEditConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
   """DatasetBuilder for reward_edit."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.0.1")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.0.1": "Transparent images are composited over white (mre_jax.data.images.to_rgb, the "
+                            "editor's conversion); 1.0.0 dropped alpha."}
   BUILDER_CONFIGS = [RewardEditConfig(name="default")]
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Put {JSON_NAME} and the InstructPix2Pix folders it names in the manual dir:
