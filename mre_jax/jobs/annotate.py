@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_collections
 from absl import logging
 
-from mre_jax.errors import ConfigError, require
+from mre_jax.errors import ConfigError, require, require_workdir
 from mre_jax.eval import judge
 from mre_jax.eval.annotate import Triplet, dataset_triplets, entries_from_results, judge_requests, load_triplets
 from mre_jax.io import files
@@ -29,10 +29,8 @@ from mre_jax.io import files
 
 def annotate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None) -> dict:
   """The `annotate` job; returns the written RewardEdit dict."""
-  if not workdir:
-    raise ConfigError("--workdir is required (job 'annotate')")
+  workdir = require_workdir(workdir, "the annotations, the judge's cache and its log are written there")
   triplets = _triplets(config)
-  workdir = Path(workdir)
   out_path = workdir / config.output
   workdir.mkdir(parents=True, exist_ok=True)
   output = _read_output(out_path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import ml_collections
 from absl import logging
 
-from mre_jax.errors import ConfigError, require
+from mre_jax.errors import ConfigError, require, require_workdir
 from mre_jax.io import checkpointing, export
 
 REWARD = {"auto": None, "on": True, "off": False}  # config.reward -> unet_from_diffusers(reward=...)
@@ -19,9 +19,8 @@ REWARD = {"auto": None, "on": True, "off": False}  # config.reward -> unet_from_
 
 def convert(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None) -> Path:
   """Job: diffusers folder `config.source` -> project checkpoint in `workdir`."""
+  workdir = require_workdir(workdir, "the project checkpoint is written there")
   source = Path(require(config, "source"))
-  if not workdir:
-    raise ConfigError("--workdir is required: the project checkpoint is written there")
   if config.reward not in REWARD:
     raise ConfigError(f"config.reward={config.reward!r}: expected 'auto', 'on' or 'off'")
   if not source.is_dir():

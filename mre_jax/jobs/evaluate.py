@@ -32,7 +32,7 @@ from typing import Callable
 
 import ml_collections
 
-from mre_jax.errors import ConfigError, require
+from mre_jax.errors import ConfigError, require, require_workdir
 from mre_jax.eval import evaluators, judge
 from mre_jax.infer import sizes
 from mre_jax.io import files
@@ -121,8 +121,7 @@ def run_real_edit(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None) -> None:
   """The `evaluate` job: run Real-Edit into workdir, then compare with config.compare."""
-  if not workdir:
-    raise ConfigError("--workdir is required (job 'evaluate')")
+  workdir = require_workdir(workdir, "edits, judgements and the table are written there")
   check_config(config)
   if config.real_edit_dir:
     table = run_real_edit(config, workdir)

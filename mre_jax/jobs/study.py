@@ -23,7 +23,7 @@ from pathlib import Path
 import ml_collections
 
 from mre_jax.data import input_pipeline
-from mre_jax.errors import ConfigError
+from mre_jax.errors import ConfigError, require_workdir
 from mre_jax.eval import study, synthetic_eval
 from mre_jax.io import files
 from mre_jax.train import loop
@@ -53,10 +53,8 @@ def train_models(config: ml_collections.ConfigDict, out: Path) -> None:
 
 def run_study(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None) -> dict:
   """Job: trains, edits, judges and reports (see the module docstring); resumes from `workdir`."""
-  if not workdir:
-    raise ConfigError("--workdir is required: models, edits and the report are written there")
+  out = require_workdir(workdir, "models, edits and the report are written there")
   check_config(config)
-  out = Path(workdir).absolute()
   out.mkdir(parents=True, exist_ok=True)
   train_models(config, out)
   data = config.train.data

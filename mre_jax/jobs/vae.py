@@ -28,7 +28,7 @@ import numpy as np
 
 from mre_jax import models
 from mre_jax.data import input_pipeline
-from mre_jax.errors import ConfigError
+from mre_jax.errors import ConfigError, require_workdir
 from mre_jax.io import checkpointing, export, files, pretrained, weights
 from mre_jax.models import tiny
 from mre_jax.train import vae_train
@@ -52,10 +52,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def train_vae(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None) -> Path:
   """Job: trains the VAE and writes `<workdir>/vae` (diffusers format) and `vae_eval.json`."""
-  if not workdir:
-    raise ConfigError("--workdir is required: the VAE and its evaluation are written there")
+  workdir = require_workdir(workdir, "the VAE and its evaluation are written there")
   check_config(config)
-  workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   images = _load_data(config, workdir)
   vae, vae_cfg, params = _init_vae(config)

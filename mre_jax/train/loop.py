@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from mre_jax import models, ops
 from mre_jax.data import latent_cache
-from mre_jax.errors import ConfigError
+from mre_jax.errors import require_workdir
 from mre_jax.eval import synthetic_eval
 from mre_jax.infer import edit
 from mre_jax.io import checkpointing, files, pretrained
@@ -73,12 +73,10 @@ class _StopFlag:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None) -> TrainState:
   """Job: trains `config.num_steps` optimiser steps, resuming from `workdir` if it holds a run."""
-  if not workdir:
-    raise ConfigError("--workdir is required: checkpoints, logs and samples are written there")
+  workdir = require_workdir(workdir, "checkpoints, logs and samples are written there")
   initialize_distributed(config)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   validate(config, mesh.size)
-  workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   spec, loaded_params, unet, frozen, fparams = _load_models(config, workdir)
   tx = make_optimizer(config.optim)

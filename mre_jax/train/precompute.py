@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from mre_jax import ops
 from mre_jax.data import input_pipeline, latent_cache, tokens
-from mre_jax.errors import ConfigError
+from mre_jax.errors import ConfigError, require_workdir
 from mre_jax.train import sharding
 from mre_jax.train.setup import build_data, initialize_distributed, prepare_workdir, sync
 from mre_jax.train.trainer import BATCH_KEYS, Frozen, encode_batch, load_frozen
@@ -32,15 +32,13 @@ def precompute_latents(config: ml_collections.ConfigDict, workdir: str | os.Path
   only the U-Net. Images are encoded uncropped-at-random and unflipped; each process encodes
   its slice, split over all of its devices.
   """
-  if not workdir:
-    raise ConfigError("--workdir is required: the frozen encoders are read from (or written to) it")
+  workdir = require_workdir(workdir, "the frozen encoders are read from (or written to) it")
   if not config.data.latent_cache or config.data.latent_cache == "auto":
     raise ConfigError("config.data.latent_cache is required (job 'precompute'): the folder to write")
   cache = Path(config.data.latent_cache).absolute()
   if (cache / latent_cache.INDEX).exists():
     raise FileExistsError(f"config.data.latent_cache={cache}: already holds a cache")
   initialize_distributed(config)
-  workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   prepare_workdir(config, workdir)
   frozen, fparams = load_frozen(workdir, jnp.float32, ops.Kernels.from_config(config.model, "config.model"))

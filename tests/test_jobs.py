@@ -1,0 +1,38 @@
+"""Every job that writes to a workdir refuses to start without one, saying what it is for."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import main  # noqa: E402
+
+from mre_jax.errors import ConfigError  # noqa: E402
+
+# job -> the config file that runs it (the precompute job runs on the train config)
+NEEDS_WORKDIR = {"train": "train", "precompute": "train", "convert": "convert", "evaluate": "evaluate",
+                 "annotate": "annotate", "vae": "vae", "study": "study"}
+
+
+def _job_fn(job):
+  module, fn = main.JOBS[job].split(":")
+  return getattr(importlib.import_module(module), fn)
+
+
+def _config(name):
+  spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("job", sorted(NEEDS_WORKDIR))
+@pytest.mark.parametrize("workdir", [None, ""])
+def test_a_job_without_workdir_is_a_config_error(job, workdir, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # nothing may be written anywhere, not even here
+  with pytest.raises(ConfigError, match=r"^--workdir is required: \w"):
+    _job_fn(job)(_config(NEEDS_WORKDIR[job]), workdir)
+  assert not any(tmp_path.iterdir())
