@@ -8,7 +8,7 @@ Bad records are skipped with a reason (counts in info.metadata["skipped/train"])
 """
 import dataclasses
 import glob
-import os
+from pathlib import Path
 
 import tensorflow_datasets as tfds
 
@@ -59,9 +59,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     root = str(dl_manager.manual_dir)
-    seeds = os.path.join(root, "seeds.json")
-    shards = sorted(glob.glob(os.path.join(root, "**", "*.parquet"), recursive=True))
-    if os.path.isfile(seeds):
+    seeds = Path(root, "seeds.json")
+    shards = sorted(glob.glob(str(Path(root, "**", "*.parquet")), recursive=True))
+    if seeds.is_file():
       found = _folder_records(root, seeds)
       make = lambda r: _folder_example(r, self.builder_config.min_side)
     elif shards:
@@ -100,7 +100,7 @@ def _folder_records(root, seeds_path):
 
 def _folder_example(record, min_side):
   folder = records.safe_join(record["root"], record["name"], "seeds.json name")
-  prompt = records.read_json(os.path.join(folder, "prompt.json"), "prompt.json")
+  prompt = records.read_json(Path(folder, "prompt.json"), "prompt.json")
   if not isinstance(prompt, dict):
     raise records.BadRecord("bad_json", f"{folder}/prompt.json is not an object")
   seed = str(record["seed"])
@@ -135,7 +135,7 @@ def _parquet_records(root, shards):
     missing = [c for c in PARQUET_COLUMNS if c not in table.schema_arrow.names]
     if missing:
       raise ValueError(f"{NAME}: {path} lacks the columns {missing} (has {table.schema_arrow.names})")
-    rel, row = os.path.relpath(path, root), 0
+    rel, row = str(Path(path).relative_to(root)), 0
     for batch in table.iter_batches(batch_size=64, columns=list(PARQUET_COLUMNS)):
       for values in batch.to_pylist():
         yield f"{rel}:{row}", {"key": f"{rel}:{row}", **values}

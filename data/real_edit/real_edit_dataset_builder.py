@@ -6,7 +6,7 @@ text before the first ".", the instruction the text after the last ": ".
 """
 import dataclasses
 import glob
-import os
+from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -75,8 +75,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
 def _json_path(root, json_name):
   if json_name:
-    return records.require_path(os.path.join(root, json_name), NAME, "the Real-Edit JSON")
-  found = sorted(glob.glob(os.path.join(root, "*.json")))
+    return records.require_path(Path(root, json_name), NAME, "the Real-Edit JSON")
+  found = sorted(glob.glob(str(Path(root, "*.json"))))  # glob: hidden files stay out
   if len(found) != 1:
     raise FileNotFoundError(f"{NAME}: expected exactly one *.json in {root} (the Real-Edit "
                             f"{{<image file>: [string, ...]}}), found {found}; or set json_name")
@@ -115,8 +115,8 @@ def _records(root, listing, min_side):
 
 def _photo_path(root, image_name):
   direct = records.safe_join(root, image_name, "JSON key")
-  nested = records.safe_join(os.path.join(root, "images"), image_name, "JSON key")
-  return direct if os.path.isfile(direct) or not os.path.isfile(nested) else nested
+  nested = records.safe_join(Path(root, "images"), image_name, "JSON key")
+  return direct if Path(direct).is_file() or not Path(nested).is_file() else nested
 
 
 def _example(record):

@@ -8,8 +8,8 @@ following, detail preserving, generation quality. Bad records are skipped with a
 (counts in info.metadata["skipped/train"]).
 """
 import dataclasses
-import os
 import re
+from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -18,7 +18,7 @@ from mre_jax.data import records
 
 NAME = "reward_edit"
 JSON_NAME = "RewardEdit_20K.json"
-IMAGES = os.path.join("pix2pix-clip-filtered-hf", "train")
+IMAGES = Path("pix2pix-clip-filtered-hf", "train")
 _PAIR = re.compile(r"^(\d+)_([01])\.(jpg|jpeg|png|webp)$", re.IGNORECASE)
 
 
@@ -66,12 +66,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     root = str(dl_manager.manual_dir)
     rewards = records.load_source_json(
-        os.path.join(root, JSON_NAME), NAME,
+        Path(root, JSON_NAME), NAME,
         "the RewardEdit-20K JSON {<name>: [{Score, Negative Prompt} x 3]}")
     if not isinstance(rewards, dict):
-      raise ValueError(f"{NAME}: {os.path.join(root, JSON_NAME)} must hold an object "
+      raise ValueError(f"{NAME}: {Path(root, JSON_NAME)} must hold an object "
                        f"{{<name>: [entry x 3]}}, got {type(rewards).__name__}")
-    images = records.require_path(os.path.join(root, IMAGES), NAME,
+    images = records.require_path(Path(root, IMAGES), NAME,
                                   "one InstructPix2Pix folder per name", is_dir=True)
     found = ((name, (images, name, rewards[name])) for name in sorted(rewards))
     min_side = self.builder_config.min_side
@@ -88,9 +88,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 def _example(images_root, name, entries, min_side):
   scores, texts = records.parse_rewards(entries, f"{JSON_NAME}[{name!r}]")
   folder = records.safe_join(images_root, name, f"{JSON_NAME} key")
-  if not os.path.isdir(folder):
+  if not Path(folder).is_dir():
     raise records.BadRecord("missing_file", f"folder {folder} does not exist")
-  prompt = records.read_json(os.path.join(folder, "prompt.json"), "prompt.json")
+  prompt = records.read_json(Path(folder, "prompt.json"), "prompt.json")
   if not isinstance(prompt, dict):
     raise records.BadRecord("bad_json", f"{folder}/prompt.json is not an object")
   instructions = records.parse_instructions(prompt.get("edit"), f"{name}/prompt.json: edit")
@@ -109,8 +109,8 @@ def _named_seed(folder, entries):
     raise records.BadRecord("ambiguous_pair", f"{folder}: entries name several seeds {sorted(named)}")
   if named:
     return named.pop()
-  path = os.path.join(folder, "seeds.json")
-  if os.path.isfile(path):
+  path = Path(folder, "seeds.json")
+  if path.is_file():
     listed = records.read_json(path, "seeds.json")
     if isinstance(listed, list) and len(listed) == 2 and isinstance(listed[1], list):
       listed = listed[1]  # The [name, [seed, ...]] form.
@@ -122,7 +122,7 @@ def _named_seed(folder, entries):
 def _rated_seed(folder, entries):
   """The seed of the rated pair: the named one, or the folder's only complete pair."""
   found = {}
-  for file in os.listdir(folder):
+  for file in (p.name for p in Path(folder).iterdir()):
     match = _PAIR.match(file)
     if match:
       found.setdefault(match.group(1), set()).add(match.group(2))
