@@ -9,7 +9,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from diffusers.schedulers import scheduling_euler_ancestral_discrete as ea_module  # noqa: E402
 
-from mre_jax.infer import diffusion  # noqa: E402
+from mre_jax.infer import diffusion, sampling  # noqa: E402
 
 # SD 1.5 scheduler_config.json (runwayml/stable-diffusion-v1-5, scheduler/).
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -251,35 +251,40 @@ def test_velocity_matches_diffusers(schedule):
   assert_close(diffusion.velocity(schedule, jnp.asarray(latents), jnp.asarray(noise), jnp.asarray(t)), ref.numpy())
 
 
-@pytest.mark.parametrize("scheduler", ["euler_ancestral", "ddim"])
-def test_v_prediction_sampling_matches_diffusers(schedule, eps_table, start_noise, scheduler, monkeypatch):
-  """A v-predicting model through the sampler's conversion (v -> eps at the step's noise level)
-  and our steps follows diffusers' schedulers configured with prediction_type="v_prediction"."""
-  from mre_jax.infer import sampling
-  spec = sampling.SamplerSpec(scheduler=scheduler, num_steps=NUM_STEPS, prediction_type="v_prediction")
+def _follow_v_reference(spec, schedule, ref, ref_step, eps_table, start_noise, draws):
+  """Runs a v-predicting stand-in model through diffusers' scheduler `ref` (one `ref_step(v, t, x)`
+  per step) and through our sampler's tables, v -> eps conversion and step (noise `draws[i]` at
+  step i, the same draws diffusers is given); asserts that the samples agree after every step."""
   tables = sampling._tables(spec, schedule)
-  if scheduler == "ddim":
-    ref = _torch_scheduler(schedulers.DDIMScheduler, "leading", clip_sample=False, set_alpha_to_one=False,
-                           prediction_type="v_prediction")
-  else:
-    ref = _torch_scheduler(schedulers.EulerAncestralDiscreteScheduler, "leading", prediction_type="v_prediction")
-    step_noise = iter(torch.from_numpy(n) for n in
-                      np.random.default_rng(3).standard_normal((NUM_STEPS,) + SHAPE).astype(np.float32))
-    monkeypatch.setattr(ea_module, "randn_tensor", lambda shape, **kw: next(step_noise))
-  draws = np.random.default_rng(3).standard_normal((NUM_STEPS,) + SHAPE).astype(np.float32)
   x_ref = torch.from_numpy(start_noise) * ref.init_noise_sigma
   x = jnp.asarray(start_noise) * tables.init_sigma
   for i, t in enumerate(ref.timesteps):
     v_ref = model_eps(torch.from_numpy(eps_table), i, ref.scale_model_input(x_ref, t))
-    x_ref = (ref.step(v_ref, int(t), x_ref, eta=0.0) if scheduler == "ddim" else ref.step(v_ref, t, x_ref)).prev_sample
+    x_ref = ref_step(v_ref, t, x_ref).prev_sample
     x_in = sampling._model_input(spec, tables, i, x)
     eps = diffusion.v_to_eps(model_eps(eps_table, i, x_in), x_in, sampling._alpha_bar(spec, schedule, tables, i))
     x = sampling._step(spec, schedule, tables, i, eps, x, jnp.asarray(draws[i]))
     assert_close(x, x_ref.numpy(), rel=1e-4)
 
 
+@pytest.mark.parametrize("scheduler", ["euler_ancestral", "ddim"])
+def test_v_prediction_sampling_matches_diffusers(schedule, eps_table, start_noise, scheduler, monkeypatch):
+  """A v-predicting model through the sampler's conversion (v -> eps at the step's noise level)
+  and our steps follows diffusers' schedulers configured with prediction_type="v_prediction"."""
+  spec = sampling.SamplerSpec(scheduler=scheduler, num_steps=NUM_STEPS, prediction_type="v_prediction")
+  draws = np.random.default_rng(3).standard_normal((NUM_STEPS,) + SHAPE).astype(np.float32)
+  if scheduler == "ddim":
+    ref = _torch_scheduler(schedulers.DDIMScheduler, "leading", clip_sample=False, set_alpha_to_one=False,
+                           prediction_type="v_prediction")
+  else:
+    ref = _torch_scheduler(schedulers.EulerAncestralDiscreteScheduler, "leading", prediction_type="v_prediction")
+    step_noise = iter(torch.from_numpy(n) for n in draws)
+    monkeypatch.setattr(ea_module, "randn_tensor", lambda shape, **kw: next(step_noise))
+  ref_step = (lambda v, t, x: ref.step(v, int(t), x, eta=0.0)) if scheduler == "ddim" else ref.step
+  _follow_v_reference(spec, schedule, ref, ref_step, eps_table, start_noise, draws)
+
+
 def test_unknown_prediction_type_is_named():
-  from mre_jax.infer import sampling
   with pytest.raises(ValueError, match="sample"):
     sampling.spec_from_scheduler_config({"prediction_type": "sample"}, "euler", 10)
 
@@ -300,7 +305,7 @@ def test_zero_terminal_snr_schedule_matches_diffusers():
   args = [torch.from_numpy(a) for a in (latents, noise, t)]
   assert_close(diffusion.velocity(ours, *map(jnp.asarray, (latents, noise, t))), ref.get_velocity(*args).numpy())
   assert_close(diffusion.add_noise(ours, *map(jnp.asarray, (latents, noise, t))), ref.add_noise(*args).numpy())
-  # At the last step the training input holds no trace of the image, and v is -x0.
+  # At the last step the training input holds no trace of the image.
   np.testing.assert_array_equal(diffusion.add_noise(ours, jnp.asarray(latents), jnp.asarray(noise), jnp.asarray(t))[2],
                                 noise[2])
 
@@ -308,7 +313,6 @@ def test_zero_terminal_snr_schedule_matches_diffusers():
 def test_zero_terminal_snr_v_prediction_sampling_matches_diffusers(eps_table, start_noise, monkeypatch):
   """Euler ancestral, trailing spacing, zero terminal SNR, v-prediction: the configuration of
   Lin et al. 2023, through the sampler's tables, conversion and step."""
-  from mre_jax.infer import sampling
   spec = sampling.spec_from_scheduler_config({**ZERO_SNR, "prediction_type": "v_prediction"}, "euler_ancestral",
                                              NUM_STEPS)
   schedule = spec.make_schedule()
@@ -322,18 +326,9 @@ def test_zero_terminal_snr_v_prediction_sampling_matches_diffusers(eps_table, st
   draws = np.random.default_rng(3).standard_normal((NUM_STEPS,) + SHAPE).astype(np.float32)
   step_noise = iter(torch.from_numpy(n) for n in draws)
   monkeypatch.setattr(ea_module, "randn_tensor", lambda shape, **kw: next(step_noise))
-  x_ref = torch.from_numpy(start_noise) * ref.init_noise_sigma
-  x = jnp.asarray(start_noise) * tables.init_sigma
-  for i, t in enumerate(ref.timesteps):
-    v_ref = model_eps(torch.from_numpy(eps_table), i, ref.scale_model_input(x_ref, t))
-    x_ref = ref.step(v_ref, t, x_ref).prev_sample
-    x_in = sampling._model_input(spec, tables, i, x)
-    eps = diffusion.v_to_eps(model_eps(eps_table, i, x_in), x_in, sampling._alpha_bar(spec, schedule, tables, i))
-    x = sampling._step(spec, schedule, tables, i, eps, x, jnp.asarray(draws[i]))
-    assert_close(x, x_ref.numpy(), rel=1e-4)
+  _follow_v_reference(spec, schedule, ref, ref.step, eps_table, start_noise, draws)
 
 
 def test_ddim_with_zero_terminal_snr_is_refused_by_name():
-  from mre_jax.infer import sampling
   with pytest.raises(ValueError, match="ddim.*rescale_betas_zero_snr"):
     sampling.spec_from_scheduler_config(ZERO_SNR, "ddim", 10)
