@@ -1,16 +1,11 @@
 """Every job that writes to a workdir refuses to start without one, saying what it is for."""
 
 import importlib
-import sys
-from pathlib import Path
 
+import main
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import main  # noqa: E402
-
-from mre_jax.errors import ConfigError  # noqa: E402
+from mre_jax.errors import ConfigError
 
 # job -> the config file that runs it (the precompute job runs on the train config)
 NEEDS_WORKDIR = {"train": "train", "precompute": "train", "convert": "convert", "evaluate": "evaluate",
@@ -23,10 +18,7 @@ def _job_fn(job):
 
 
 def _config(name):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return importlib.import_module(f"configs.{name}").get_config()
 
 
 @pytest.mark.parametrize("job", sorted(NEEDS_WORKDIR))
