@@ -3,7 +3,7 @@
 Parses flags and dispatches to the job the config names; all logic lives in the package.
 """
 
-import importlib
+import pkgutil
 import sys
 
 from absl import app, flags, logging
@@ -44,10 +44,9 @@ def main(argv: list[str]) -> None:
   job = config.get("job")
   if job not in JOBS:
     _fail(f"config.job={job!r} is not a job; known jobs: {', '.join(sorted(JOBS))}", 2)
-  module_name, fn_name = JOBS[job].split(":")
-  module = importlib.import_module(module_name)
+  job_fn = pkgutil.resolve_name(JOBS[job])
   try:
-    getattr(module, fn_name)(config, _WORKDIR.value)
+    job_fn(config, _WORKDIR.value)
   except ConfigError as e:
     _fail(str(e), 2)
   except (OSError, ValueError) as e:  # user-caused: missing files, bad weights, bad values

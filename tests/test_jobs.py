@@ -1,6 +1,7 @@
 """Every job that writes to a workdir refuses to start without one, saying what it is for."""
 
 import importlib
+import pkgutil
 
 import main
 import pytest
@@ -13,8 +14,7 @@ NEEDS_WORKDIR = {"train": "train", "precompute": "train", "convert": "convert", 
 
 
 def _job_fn(job):
-  module, fn = main.JOBS[job].split(":")
-  return getattr(importlib.import_module(module), fn)
+  return pkgutil.resolve_name(main.JOBS[job])
 
 
 def _config(name):

@@ -34,11 +34,11 @@ import base64
 import dataclasses
 import email.utils
 import hashlib
-import importlib
 import io
 import json
 import math
 import os
+import pkgutil
 import random
 import re
 import threading
@@ -597,11 +597,7 @@ def make_backend(cfg: ml_collections.ConfigDict) -> Backend:
   check_config(cfg)
   if cfg.backend not in BACKENDS:
     raise ConfigError(f"config.judge.backend={cfg.backend!r}: expected one of {', '.join(BACKENDS)}")
-  module, attribute = BACKENDS[cfg.backend].split(":")
-  factory = importlib.import_module(module)
-  for name in attribute.split("."):
-    factory = getattr(factory, name)
-  return factory(cfg)
+  return pkgutil.resolve_name(BACKENDS[cfg.backend])(cfg)
 
 
 # ------------------------------------------------------------------------------ judging
