@@ -46,6 +46,7 @@ def get_config(arg: str | None = None):
   config.model.unet.out_channels = 8
   config.model.unet.block_out_channels = (32, 64, 128)
   config.model.unet.attention_head_dim = (1, 2, 4)  # heads per level (diffusers' name)
+  config.model.unet.norm_num_groups = 8  # 4+ channels per GroupNorm group (SD's 32 groups would be instance norms)
   config.model.unet.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
   config.model.unet.up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
 

@@ -20,6 +20,8 @@ from mre_jax.io import torch_twin  # noqa: E402
 SD_WIDTH = models.UNetConfig(
     block_out_channels=(320, 640), layers_per_block=1, attention_head_dim=8, cross_attention_dim=768,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+# The embedded demo's GroupNorm setting: 8 groups, so 4 channels per group at 32 channels, not 1.
+TINY_8_GROUPS = dataclasses.replace(tiny.UNET, norm_num_groups=8)
 
 
 def _inputs(cfg, batch, size, seed):
@@ -54,7 +56,8 @@ _randomize = parity.randomize
 _state_dict = parity.state_dict
 
 
-@pytest.mark.parametrize("cfg,size", [(tiny.UNET, 16), (SD_WIDTH, 16)], ids=["tiny", "320ch-768ctx"])
+@pytest.mark.parametrize("cfg,size", [(tiny.UNET, 16), (TINY_8_GROUPS, 16), (SD_WIDTH, 16)],
+                         ids=["tiny", "tiny-8-groups", "320ch-768ctx"])
 def test_reward_unet_matches_torch_twin(cfg, size):
   twin = _randomize(torch_twin.MRERewardUNet.from_config(cfg.to_diffusers()), seed=1)
   model = models.RewardUNet(cfg)
@@ -68,9 +71,10 @@ def test_reward_unet_matches_torch_twin(cfg, size):
     assert _rel_err(_apply(model, params, **x), ref) < 1e-4
 
 
-def test_reward_off_is_the_plain_instructpix2pix_unet():
-  plain = _randomize(UNet2DConditionModel.from_config(tiny.UNET.to_diffusers()), seed=3)
-  model = models.RewardUNet(tiny.UNET, reward=False)
+@pytest.mark.parametrize("cfg", [tiny.UNET, TINY_8_GROUPS], ids=["tiny", "tiny-8-groups"])
+def test_reward_off_is_the_plain_instructpix2pix_unet(cfg):
+  plain = _randomize(UNet2DConditionModel.from_config(cfg.to_diffusers()), seed=3)
+  model = models.RewardUNet(cfg, reward=False)
   params = weights.torch_to_flax(_state_dict(plain), models.unet_param_shapes(model))
   x = _inputs(tiny.UNET, 2, 16, seed=4)
   out = _apply(model, params, sample=x["sample"], timesteps=x["timesteps"], context=x["context"])

@@ -37,7 +37,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       SyntheticEditConfig(name="64px", description="64 px images, 2000 train / 200 test."),
       SyntheticEditConfig(name="64px_10k", num_train=10000, num_test=280,
-                          description="64 px images, 10000 train / 280 test: the embedded demo's data."),
+                          description="64 px images, 10000 train / 280 test: the embedded demo's long run's data."),
+      SyntheticEditConfig(name="64px_clean", clean_prob=1.0,
+                          description="64 px images, 2000 train / 200 test, every target the exact edit."),
       SyntheticEditConfig(name="48px", image_size=48, description="48 px images."),
       SyntheticEditConfig(name="32px", image_size=32, description="32 px images."),
       SyntheticEditConfig(name="tiny", image_size=32, num_train=64, num_test=16,

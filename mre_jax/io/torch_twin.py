@@ -81,9 +81,9 @@ class RewardCrossAttentionLayer(nn.Module):
 
 
 class DealProj(nn.Module):
-  def __init__(self, width: int):
+  def __init__(self, width: int, groups: int = 32):
     super().__init__()
-    self.norm = nn.GroupNorm(32, width, eps=1e-6)
+    self.norm = nn.GroupNorm(groups, width, eps=1e-6)
     self.proj_in = nn.Conv2d(width, width, 1)
     self.proj_out = nn.Conv2d(width, width, 1)
 
@@ -104,7 +104,7 @@ class MRERewardUNet(UNet2DConditionModel):
     self.add_embedding2 = TimestepEmbedding(3 * 256, width)
     self.text_linear = nn.Linear(text_dim, width)
     self.text_linear2 = nn.Linear(text_dim, time_dim)
-    self.proj_deal = DealProj(width)
+    self.proj_deal = DealProj(width, self.config.norm_num_groups)
     self.ca = RewardCrossAttentionLayer(width)
 
   # diffusers' from_config reads the accepted config keys off the __init__ signature.

@@ -34,7 +34,7 @@ _SD15_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 
 # diffusers UNet2DConditionModel config fields we support only at their default value.
 _FIXED_FIELDS = {
-    "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5, "center_input_sample": False,
+    "act_fn": "silu", "norm_eps": 1e-5, "center_input_sample": False,
     "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
     "time_embedding_type": "positional", "time_cond_proj_dim": None, "conv_in_kernel": 3,
     "conv_out_kernel": 3, "mid_block_type": "UNetMidBlock2DCrossAttn", "num_attention_heads": None,
@@ -61,6 +61,11 @@ class UNetConfig:
   only_cross_attention: bool = False
   transformer_layers_per_block: int = 1
   sample_size: int = 64
+  # GroupNorm groups of every resnet, transformer, the MRC's proj_deal and conv_norm_out (SD, the
+  # release: 32). A small U-Net needs several channels per group: with one (32 groups of 32
+  # channels, an instance norm) conv_norm_out removes every channel's mean from what conv_out
+  # sees, so the output cannot carry an image's colours (README, "Does it work?").
+  norm_num_groups: int = 32
 
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any], source: str = "unet config") -> "UNetConfig":
@@ -192,11 +197,12 @@ class _DealProj(nn.Module):
   """`proj_deal`: GroupNorm + 1x1 conv into tokens, 1x1 conv back out."""
 
   channels: int
+  groups: int = 32
   dtype: Any = jnp.float32
   kernels: ops.Kernels = ops.Kernels()
 
   def setup(self):
-    self.norm = GroupNorm(32, 1e-6, dtype=self.dtype, implementation=self.kernels.norm)
+    self.norm = GroupNorm(self.groups, 1e-6, dtype=self.dtype, implementation=self.kernels.norm)
     self.proj_in = conv1x1(self.channels, self.dtype, self.kernels.conv)
     self.proj_out = conv1x1(self.channels, self.dtype, self.kernels.conv)
 
@@ -235,7 +241,7 @@ class RewardUNet(nn.Module):
     self.time_embedding = _TimestepEmbedding(cfg.time_embed_dim, self.dtype)
     self.down_blocks, self.mid_block, self.up_blocks = unet_blocks.make_unet_blocks(
         cfg, dtype=self.dtype, remat=self.remat, kernels=self.kernels)
-    self.conv_norm_out = GroupNorm(32, 1e-5, implementation=self.kernels.norm)
+    self.conv_norm_out = GroupNorm(cfg.norm_num_groups, 1e-5, implementation=self.kernels.norm)
     self.conv_out = Conv(cfg.out_channels, dtype=self.dtype, implementation=self.kernels.conv)
     if self.reward:
       self.add_time_proj = _Timesteps(SCORE_EMBED_DIM, cfg.flip_sin_to_cos, cfg.freq_shift)
@@ -243,7 +249,7 @@ class RewardUNet(nn.Module):
       self.add_embedding2 = _TimestepEmbedding(width, self.dtype)
       self.text_linear = Dense(width, dtype=self.dtype)
       self.text_linear2 = Dense(cfg.time_embed_dim, dtype=self.dtype)
-      self.proj_deal = _DealProj(width, self.dtype, self.kernels)
+      self.proj_deal = _DealProj(width, cfg.norm_num_groups, self.dtype, self.kernels)
       self.ca = RewardCrossAttentionLayer(REWARD_HEADS, self.reward_dropout, self.dtype)
 
   def __call__(

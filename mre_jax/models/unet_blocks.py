@@ -162,6 +162,7 @@ class SpatialTransformer(nn.Module):
   depth: int = 1
   linear_projection: bool = False
   only_cross_attention: bool = False
+  groups: int = 32
   dtype: Any = jnp.float32
   kernels: ops.Kernels = ops.Kernels()
 
@@ -170,7 +171,7 @@ class SpatialTransformer(nn.Module):
     b, h, w, c = x.shape
     project = ((lambda name: Dense(c, dtype=self.dtype, name=name)) if self.linear_projection
                else (lambda name: conv1x1(c, self.dtype, self.kernels.conv, name=name)))
-    y = GroupNorm(32, 1e-6, implementation=self.kernels.norm, name="norm")(x)
+    y = GroupNorm(self.groups, 1e-6, implementation=self.kernels.norm, name="norm")(x)
     y = project("proj_in")(y.reshape(b, h * w, c) if self.linear_projection else y).reshape(b, h * w, c)
     for i in range(self.depth):
       y = TransformerBlock(self.heads, self.only_cross_attention, self.dtype, self.kernels,
@@ -197,11 +198,12 @@ class DownBlock(nn.Module):
   depth: int = 1
   linear_projection: bool = False
   only_cross_attention: bool = False
+  groups: int = 32
   dtype: Any = jnp.float32
   kernels: ops.Kernels = ops.Kernels()
 
   def setup(self):
-    self.resnets = [ResnetBlock(self.out_channels, dtype=self.dtype, kernels=self.kernels)
+    self.resnets = [ResnetBlock(self.out_channels, self.groups, dtype=self.dtype, kernels=self.kernels)
                     for _ in range(self.num_layers)]
     if self.cross_attention:
       self.attentions = [_transformer(self, self.only_cross_attention) for _ in range(self.num_layers)]
@@ -236,11 +238,12 @@ class UpBlock(nn.Module):
   depth: int = 1
   linear_projection: bool = False
   only_cross_attention: bool = False
+  groups: int = 32
   dtype: Any = jnp.float32
   kernels: ops.Kernels = ops.Kernels()
 
   def setup(self):
-    self.resnets = [ResnetBlock(self.out_channels, dtype=self.dtype, kernels=self.kernels)
+    self.resnets = [ResnetBlock(self.out_channels, self.groups, dtype=self.dtype, kernels=self.kernels)
                     for _ in range(self.num_layers)]
     if self.cross_attention:
       self.attentions = [_transformer(self, self.only_cross_attention) for _ in range(self.num_layers)]
@@ -263,11 +266,12 @@ class MidBlock(nn.Module):
   depth: int = 1
   linear_projection: bool = False
   num_layers: int = 1
+  groups: int = 32
   dtype: Any = jnp.float32
   kernels: ops.Kernels = ops.Kernels()
 
   def setup(self):
-    self.resnets = [ResnetBlock(self.channels, dtype=self.dtype, kernels=self.kernels)
+    self.resnets = [ResnetBlock(self.channels, self.groups, dtype=self.dtype, kernels=self.kernels)
                     for _ in range(self.num_layers + 1)]
     self.attentions = [_transformer(self, only_cross_attention=False) for _ in range(self.num_layers)]
 
@@ -280,8 +284,8 @@ class MidBlock(nn.Module):
 
 def _transformer(block, only_cross_attention: bool) -> SpatialTransformer:
   """The spatial transformer of a level, from the level's fields."""
-  return SpatialTransformer(block.heads, block.depth, block.linear_projection, only_cross_attention, block.dtype,
-                            block.kernels)
+  return SpatialTransformer(block.heads, block.depth, block.linear_projection, only_cross_attention, block.groups,
+                            block.dtype, block.kernels)
 
 
 def make_unet_blocks(cfg: UNetConfig, *, dtype: Any, remat: bool,
@@ -296,7 +300,8 @@ def make_unet_blocks(cfg: UNetConfig, *, dtype: Any, remat: bool,
   heads = cfg.attention_head_dim
   heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * n
   common = dict(depth=cfg.transformer_layers_per_block, linear_projection=cfg.use_linear_projection,
-                only_cross_attention=cfg.only_cross_attention, dtype=dtype, kernels=kernels)
+                only_cross_attention=cfg.only_cross_attention, groups=cfg.norm_num_groups, dtype=dtype,
+                kernels=kernels)
   down = []
   for i, kind in enumerate(cfg.down_block_types):
     if kind not in ("CrossAttnDownBlock2D", "DownBlock2D"):
