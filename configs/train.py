@@ -58,7 +58,10 @@ def get_config(arg: str | None = None):
   config.data.split = "train"
   config.data.crop_size = 64  # training resolution in pixels (256 for SD)
   config.data.resize = "short_side"  # short_side + random crop, or square (the release)
-  config.data.flip = True  # random horizontal flip (the same for both images)
+  # Random horizontal flip (the same for both images; SD: True). Off for the synthetic world: its
+  # instructions name sides ("add a red circle at the top left"), and a cached latent flipped is not
+  # the latent of the flipped image (this VAE decodes it at 26 dB PSNR instead of 30).
+  config.data.flip = False
   config.data.latent_cache = "auto"  # encoder outputs to train from: a cache folder (job precompute),
   # "auto" (<workdir>/latents, written on first use) or "" (encode every batch)
   config.data.worker_count = 0  # grain worker processes (0: threads in this process)
@@ -145,6 +148,7 @@ def get_config(arg: str | None = None):
     config.data.builder_config = ""
     config.data.crop_size = 256
     config.data.latent_cache = ""
+    config.data.flip = True
     config.data.worker_count = 8
     config.optim.lr = 5e-5
     config.checkpoint.every = 1000
