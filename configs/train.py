@@ -74,7 +74,10 @@ def get_config(arg: str | None = None):
   config.optim.eps = 1e-8
   config.optim.weight_decay = 1e-2
   config.optim.clip_norm = 1.0  # global-norm gradient clipping
-  config.optim.warmup_steps = 100  # linear warm-up steps, then constant
+  config.optim.warmup_steps = 100  # linear warm-up steps (from 0 to lr)
+  # After the warm-up: constant (the release) or cosine (decays to 0 at the last step; the demo's
+  # EMA then averages a settling model: README, "Does it work?")
+  config.optim.schedule = "cosine"
 
   config.ema = ml_collections.ConfigDict()  # diffusers EMAModel defaults
   config.ema.decay = 0.9999  # cap of the (1 + s) / (10 + s) rule
@@ -123,6 +126,7 @@ def get_config(arg: str | None = None):
     config.log_every = 10
     config.optim.lr = 3e-4
     config.optim.warmup_steps = 0
+    config.optim.schedule = "constant"
     config.sample.every = 100
     config.checkpoint.every = 100
     config.model.unet = ml_collections.ConfigDict()
@@ -151,6 +155,8 @@ def get_config(arg: str | None = None):
     config.data.flip = True
     config.data.worker_count = 8
     config.optim.lr = 5e-5
+    config.optim.schedule = "constant"
+    config.optim.warmup_steps = 0
     config.checkpoint.every = 1000
     config.sample.every = 1000
     config.sample.steps = 30

@@ -554,3 +554,25 @@ def test_8_simulated_devices_match_1_device(tfds_dir, tmp_path):
   assert "devices 8" in out.stdout and "sharded 0" not in out.stdout
   _assert_same_metrics(eight, one, steps=[1, 2, 3, 4, 5, 6])
   _assert_same_training(_saved_state(eight), _saved_state(one), _initial_params(one))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_warms_up_then_stays_or_decays_by_a_cosine(schedule):
+  optim = train_config.get_config().optim
+  optim.lr, optim.warmup_steps, optim.schedule = 1e-3, 100, schedule
+  lr = trainer.lr_schedule(optim, num_steps=500)
+  # Warm-up: linear from 0 to 1e-3 over 100 steps.
+  np.testing.assert_allclose([float(lr(s)) for s in (0, 50, 100)], [0.0, 5e-4, 1e-3], atol=1e-9)
+  # Then constant, or 1e-3 * (1 + cos(pi * k / 400)) / 2 at k steps after the warm-up: 0 at step 500.
+  expected = [1e-3] * 4 if schedule == "constant" else [5e-4, 1e-3 * (1 - np.sqrt(0.5)) / 2, 0.0, 0.0]
+  np.testing.assert_allclose([float(lr(s)) for s in (300, 400, 500, 900)], expected, rtol=1e-5, atol=1e-9)
+
+
+def test_lr_schedule_rejects_an_unknown_schedule_and_a_cosine_without_steps():
+  optim = train_config.get_config().optim
+  optim.schedule = "linear"
+  with pytest.raises(ValueError, match="config.optim.schedule: 'linear'"):
+    trainer.lr_schedule(optim, 500)
+  optim.schedule = "cosine"
+  with pytest.raises(ValueError, match="num_steps"):
+    trainer.lr_schedule(optim)

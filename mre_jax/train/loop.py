@@ -79,7 +79,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   validate(config, mesh.size)
   workdir.mkdir(parents=True, exist_ok=True)
   spec, loaded_params, unet, frozen, fparams = _load_models(config, workdir)
-  tx = make_optimizer(config.optim)
+  tx = make_optimizer(config.optim, config.num_steps)
   abstract, state_sh = _state_shardings(unet, tx, mesh, config.mesh.fsdp_min_size)
   repl = sharding.replicated(mesh)
   fparams = sharding.place(fparams, jax.tree_util.tree_map(lambda _: repl, fparams))
@@ -226,7 +226,7 @@ def _next_batch(data_iter: grain.DatasetIterator, config: ml_collections.ConfigD
 def _log_interval(config: ml_collections.ConfigDict, step: int, interval: list[dict[str, np.ndarray]], rate: float,
                   writer: _MetricWriter | None, bar: tqdm) -> None:
   """The metrics line of `step`: the interval's mean step metrics, its images/s and the lr of `step`."""
-  scalars = {**_mean_metrics(interval), "images_per_sec": rate, "lr": float(lr_schedule(config.optim)(step - 1))}
+  scalars = {**_mean_metrics(interval), "images_per_sec": rate, "lr": float(lr_schedule(config.optim, config.num_steps)(step - 1))}
   if writer is not None:
     writer.write(step, scalars)
   bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.1f}")

@@ -69,20 +69,34 @@ def load_frozen(workdir: Path, dtype: Any, kernels: ops.Kernels = ops.Kernels())
   return frozen, {"vae": vae_params, "text": text_params, "empty_ids": tokens.tokenize(tokenizer, [""])}
 
 
-def lr_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
-  """Constant lr after an optional linear warm-up (the release: no warm-up)."""
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_schedule(optim: ml_collections.ConfigDict, num_steps: int = 0) -> optax.Schedule:
+  """An optional linear warm-up over `optim.warmup_steps`, then `optim.schedule`: "constant" (the
+  release) or "cosine", a cosine decay that reaches 0 at step `num_steps` (the run's last)."""
+  schedule = optim.get("schedule", "constant")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"config.optim.schedule: {schedule!r} is not one of {SCHEDULES}")
+  if schedule == "cosine":
+    if num_steps <= optim.warmup_steps:
+      raise ValueError(f"config.optim.schedule cosine needs num_steps ({num_steps}) > warmup_steps "
+                       f"({optim.warmup_steps})")
+    after = optax.cosine_decay_schedule(optim.lr, num_steps - optim.warmup_steps)
+  else:
+    after = optax.constant_schedule(optim.lr)
   if optim.warmup_steps <= 0:
-    return optax.constant_schedule(optim.lr)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, optim.lr, optim.warmup_steps), optax.constant_schedule(optim.lr)],
-      [optim.warmup_steps])
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, optim.warmup_steps), after],
+                              [optim.warmup_steps])
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping."""
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int = 0) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping, on `lr_schedule(optim, num_steps)`."""
   return optax.chain(
       optax.clip_by_global_norm(optim.clip_norm),
-      optax.adamw(lr_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
+      optax.adamw(lr_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                  weight_decay=optim.weight_decay))
 
 
 def ema_decay(step: jax.Array, ema: ml_collections.ConfigDict) -> jax.Array:
