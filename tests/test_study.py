@@ -12,6 +12,7 @@ from PIL import Image
 from configs import study as study_config
 from mre_jax.data import records
 from mre_jax.eval import study, synthetic_eval
+from mre_jax.jobs import study as study_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,3 +112,18 @@ def test_train_jobs_final_evaluation_judges_the_model_and_its_references(quick_s
   stamp = (run / "eval.json").stat().st_mtime_ns
   assert synthetic_eval.evaluate_run(config, run, builder, step=6) == report
   assert (run / "eval.json").stat().st_mtime_ns == stamp
+
+
+def test_a_training_stopped_early_stops_the_study_before_any_edit(tmp_path, monkeypatch):
+  # The train job returns normally after a SIGTERM, with the step it reached: the study must not go
+  # on to edit and judge that model as if it were trained.
+  class Stopped:
+    step = np.int32(1)
+
+  calls = []
+  monkeypatch.setattr(study_job.loop, "train_and_evaluate", lambda cfg, workdir: calls.append(workdir) or Stopped())
+  config = study_config.get_config("quick")
+  with pytest.raises(SystemExit, match=r"baseline seed 0 stopped at step 1 of 6 .*rerun"):
+    study_job.run_study(config, tmp_path)
+  assert calls == [str(tmp_path / "baseline_seed0")]
+  assert not (tmp_path / "edits").exists() and not (tmp_path / "table.json").exists()

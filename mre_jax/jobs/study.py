@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import ml_collections
 
 from mre_jax.data import input_pipeline
@@ -44,11 +45,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def train_models(config: ml_collections.ConfigDict, out: Path) -> None:
-  """Trains (or resumes, or finds finished) every (arm, seed) model."""
+  """Trains (or resumes, or finds finished) every (arm, seed) model. A training stopped early (SIGTERM:
+  the train job saves and returns) stops the study with a non-zero exit before anything is edited,
+  so no model is judged half-trained and a rerun resumes it."""
   for seed in config.seeds:
     for arm in study.ARMS:
       print(f"study: training {arm} seed {seed}", flush=True)
-      loop.train_and_evaluate(study.train_config(config, out, arm, seed), str(out / f"{arm}_seed{seed}"))
+      workdir = out / f"{arm}_seed{seed}"
+      state = loop.train_and_evaluate(study.train_config(config, out, arm, seed), str(workdir))
+      reached = int(jax.device_get(state.step))
+      if reached < config.train.num_steps:
+        raise SystemExit(f"study: {arm} seed {seed} stopped at step {reached} of {config.train.num_steps} "
+                         f"({workdir}); nothing was edited; rerun the same command to resume")
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None) -> dict:
