@@ -39,7 +39,8 @@ def get_config(arg: str | None = None):
   # alpha_bar) (0.005 at the last step), too little for a small U-Net to learn to draw it from the input
   # image; edits then take their colours from the start noise. A velocity target weighs it >= 1.
   # (rescale_betas_zero_snr=True with timestep_spacing="trailing", Lin et al. 2023, was measured
-  # too and did not help here: README, "Does it work?".)
+  # too and did not help here. Both were measured before model.unet.norm_num_groups was 8, the
+  # larger cause of those colour casts: README, "Does it work?".)
   config.model.scheduler = ml_collections.ConfigDict(dict(prediction_type="v_prediction"))
   config.model.unet = ml_collections.ConfigDict()  # init=tiny: fields of models.UNetConfig over tiny.UNET
   config.model.unet.in_channels = 16  # noisy latents + image latents (the shipped VAE has 8 channels)

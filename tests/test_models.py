@@ -76,7 +76,7 @@ def test_reward_off_is_the_plain_instructpix2pix_unet(cfg):
   plain = _randomize(UNet2DConditionModel.from_config(cfg.to_diffusers()), seed=3)
   model = models.RewardUNet(cfg, reward=False)
   params = weights.torch_to_flax(_state_dict(plain), models.unet_param_shapes(model))
-  x = _inputs(tiny.UNET, 2, 16, seed=4)
+  x = _inputs(cfg, 2, 16, seed=4)
   out = _apply(model, params, sample=x["sample"], timesteps=x["timesteps"], context=x["context"])
   assert _rel_err(out, _torch_out(plain, x, reward=False)) < 1e-4
   assert not set(params) & set(models.REWARD_MODULES)

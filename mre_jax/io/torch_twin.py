@@ -81,7 +81,7 @@ class RewardCrossAttentionLayer(nn.Module):
 
 
 class DealProj(nn.Module):
-  def __init__(self, width: int, groups: int = 32):
+  def __init__(self, width: int, groups: int):
     super().__init__()
     self.norm = nn.GroupNorm(groups, width, eps=1e-6)
     self.proj_in = nn.Conv2d(width, width, 1)

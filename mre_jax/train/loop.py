@@ -226,7 +226,8 @@ def _next_batch(data_iter: grain.DatasetIterator, config: ml_collections.ConfigD
 def _log_interval(config: ml_collections.ConfigDict, step: int, interval: list[dict[str, np.ndarray]], rate: float,
                   writer: _MetricWriter | None, bar: tqdm) -> None:
   """The metrics line of `step`: the interval's mean step metrics, its images/s and the lr of `step`."""
-  scalars = {**_mean_metrics(interval), "images_per_sec": rate, "lr": float(lr_schedule(config.optim, config.num_steps)(step - 1))}
+  lr = float(lr_schedule(config.optim, config.num_steps)(step - 1))
+  scalars = {**_mean_metrics(interval), "images_per_sec": rate, "lr": lr}
   if writer is not None:
     writer.write(step, scalars)
   bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.1f}")

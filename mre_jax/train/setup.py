@@ -19,7 +19,7 @@ from mre_jax.data import input_pipeline, latent_cache, tokens
 from mre_jax.errors import ConfigError
 from mre_jax.io import checkpointing, export
 from mre_jax.models import tiny
-from mre_jax.train.trainer import Frozen
+from mre_jax.train.trainer import Frozen, lr_schedule
 
 if TYPE_CHECKING:
   import tensorflow_datasets as tfds
@@ -31,6 +31,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"config.optim.lr={config.optim.lr}: must be > 0")
   if config.num_steps < 1:
     raise ConfigError(f"config.num_steps={config.num_steps}: must be >= 1")
+  lr_schedule(config.optim, config.num_steps)  # an unknown schedule, or cosine without room, is a ConfigError
   if config.stage not in (1, 2):
     raise ConfigError(f"config.stage={config.stage!r}: expected 1 (InstructPix2Pix) or 2 (MRE)")
   models.parse_dtype(config.model.dtype, "config.model.dtype")

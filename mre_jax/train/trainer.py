@@ -15,6 +15,7 @@ import ml_collections
 import optax
 
 from mre_jax import models, ops
+from mre_jax.errors import ConfigError
 from mre_jax.data import tokens
 from mre_jax.infer import diffusion, sampling
 from mre_jax.io import checkpointing, export, pretrained
@@ -77,10 +78,10 @@ def lr_schedule(optim: ml_collections.ConfigDict, num_steps: int = 0) -> optax.S
   release) or "cosine", a cosine decay that reaches 0 at step `num_steps` (the run's last)."""
   schedule = optim.get("schedule", "constant")
   if schedule not in SCHEDULES:
-    raise ValueError(f"config.optim.schedule: {schedule!r} is not one of {SCHEDULES}")
+    raise ConfigError(f"config.optim.schedule: {schedule!r} is not one of {SCHEDULES}")
   if schedule == "cosine":
     if num_steps <= optim.warmup_steps:
-      raise ValueError(f"config.optim.schedule cosine needs num_steps ({num_steps}) > warmup_steps "
+      raise ConfigError(f"config.optim.schedule cosine needs num_steps ({num_steps}) > warmup_steps "
                        f"({optim.warmup_steps})")
     after = optax.cosine_decay_schedule(optim.lr, num_steps - optim.warmup_steps)
   else:
