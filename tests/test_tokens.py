@@ -1,10 +1,11 @@
 """The one CLIP tokenization (mre_jax/data/tokens.py): SD 1.5's padding and truncation."""
 
 import pickle
+import re
 
 import numpy as np
 
-from mre_jax.data import tokens
+from mre_jax.data import synthetic, tokens
 from mre_jax.io import pretrained
 from mre_jax.models import tiny
 
@@ -40,3 +41,18 @@ def test_tokenize_fn_pickles_and_matches(tmp_path):
   fn = pickle.loads(pickle.dumps(tokens.tokenize_fn(tokenizer)))  # as grain's worker processes get it
   texts = ["make it red", "None; None; None"]
   np.testing.assert_array_equal(fn(texts), tokens.tokenize(tokenizer, texts))
+
+
+def test_every_word_of_the_synthetic_world_is_one_token_of_the_demo_tokenizer(tmp_path):
+  # The demo's text encoder reads the world's instructions and reward texts; a word outside the
+  # tokenizer's merges is spelled out byte by byte, which a random text encoder scrambles.
+  tokenizer = _tokenizer(tmp_path)
+  words = set()
+  for split in synthetic.SPLITS:
+    for i in range(150):
+      ex = synthetic.make_example(i, split, seed=0, size=32)
+      for text in list(ex["instructions"]) + list(ex["reward_texts"]):
+        words.update(re.findall(r"[a-z]+", text.lower()))
+  assert {"left", "cyan", "striped", "warmer", "gradient"} <= words  # the sample covers the world
+  spelled = sorted(w for w in words if len(tokenizer(w).input_ids) != 3)  # <|startoftext|> w <|endoftext|>
+  assert not spelled, f"words the demo tokenizer spells out: {spelled}"

@@ -32,7 +32,13 @@ WORDS = (
     "red green blue yellow orange purple pink white black gray brown color colour background sky "
     "square circle triangle star stripes dots texture wood stone brick grass water snow winter summer "
     "night day sunset style painting sketch cartoon watercolor bright dark darker brighter warm cool "
-    "tone image photo picture none still changed noisy blurry blocky missing not was wrong").split()
+    "tone image photo picture none still changed noisy blurry blocky missing not was wrong "
+    # the rest of the synthetic world's instructions and reward texts (tests/test_tokens.py checks
+    # that each of its words is one token: spelled out letter by letter, "top left" was 7 tokens)
+    "grey cyan gradient plain striped dotted checkered pattern top bottom left right centre at "
+    "warmer cooler whole pencil pop art poster negative look looks like paint delete take away get "
+    "rid place replace removed only partly barely faintly slightly visible there has does no "
+    "artifacts").split()
 
 
 def text_config(vocab_size: int) -> dict:
@@ -45,21 +51,24 @@ def text_config(vocab_size: int) -> dict:
 
 
 def write_tokenizer(folder: str | os.PathLike, words: Iterable[str] = WORDS) -> int:
-  """A CLIP BPE tokenizer in `folder`; returns its vocabulary size (end-of-text has the top id)."""
+  """A CLIP BPE tokenizer in `folder` that keeps each of `words` whole (one token); returns its
+  vocabulary size (end-of-text has the top id)."""
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   chars = pretrained.bpe_byte_symbols()
   vocab = chars + [c + "</w>" for c in chars]
-  merges = []
+  ranks: dict[tuple[str, str], int] = {}
   for word in dict.fromkeys(words):
     pieces = list(word[:-1]) + [word[-1] + "</w>"]
     while len(pieces) > 1:
-      merge = f"{pieces[0]} {pieces[1]}"
-      token = pieces[0] + pieces[1]
-      if merge not in merges:
-        merges.append(merge)
-        vocab.append(token)
-      pieces = [token] + pieces[2:]
+      # BPE applies the lowest-ranked merge first, so a merge made for an earlier word ("r e" of
+      # "red") can split a later one ("g re e n"): merge what BPE leaves, with a new last-ranked
+      # merge, until the word is one token. Later merges never change how earlier words split.
+      pieces = _bpe(pieces, ranks)
+      if len(pieces) > 1:
+        ranks[(pieces[0], pieces[1])] = len(ranks)
+        vocab.append(pieces[0] + pieces[1])
+  merges = [f"{a} {b}" for a, b in ranks]
   vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
   (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
   (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
@@ -68,6 +77,24 @@ def write_tokenizer(folder: str | os.PathLike, words: Iterable[str] = WORDS) -> 
       "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
       "do_lower_case": True}))
   return len(vocab)
+
+
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+  """CLIP's BPE on one word's symbols: merge the lowest-ranked adjacent pair until none is known."""
+  while len(pieces) > 1:
+    pair = min(zip(pieces, pieces[1:]), key=lambda p: ranks.get(p, len(ranks)))
+    if pair not in ranks:
+      break
+    out, i = [], 0
+    while i < len(pieces):
+      if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
+        out.append(pieces[i] + pieces[i + 1])
+        i += 2
+      else:
+        out.append(pieces[i])
+        i += 1
+    pieces = out
+  return pieces
 
 
 # Trained VAEs shipped with the package (diffusers folders holding vae/), by name.
