@@ -15,8 +15,8 @@ import ml_collections
 import optax
 
 from mre_jax import models, ops
-from mre_jax.errors import ConfigError
 from mre_jax.data import tokens
+from mre_jax.errors import ConfigError
 from mre_jax.infer import diffusion, sampling
 from mre_jax.io import checkpointing, export, pretrained
 
