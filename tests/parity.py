@@ -12,7 +12,15 @@ BF16_CAP = 0.05
 
 
 def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-  """Perturbs every parameter (norm scales and biases too), so no weight is left at a trivial value."""
+  """Redraws every layer's PyTorch default init from `seed`, then perturbs every parameter (norm
+  scales and biases too), so no weight is left at a trivial value. The redraw makes the weights a
+  function of the seed alone: from_config draws them from the global RNG, whose state depends on
+  the tests that ran before in the same process (bfloat16 error ratios then varied run to run)."""
+  with torch.random.fork_rng(), torch.no_grad():
+    torch.manual_seed(seed)
+    for layer in module.modules():
+      if hasattr(layer, "reset_parameters"):
+        layer.reset_parameters()
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for p in module.parameters():
