@@ -14,7 +14,7 @@ def get_config(arg: str | None = None):
   config.job = "train"
   config.seed = 0  # parameters, data order, noise: a run is a function of the seed
   config.stage = 2  # 1: InstructPix2Pix (no rewards); 2: MRE (reward conditioning)
-  config.num_steps = 4000  # optimiser steps
+  config.num_steps = 6000  # optimiser steps (the default run: about 10 minutes on 2 cores; README, "Does it work?")
   config.batch_size = 8  # global examples per optimiser step (all processes, all microbatches)
   config.grad_accum_steps = 1  # microbatches per optimiser step
   config.cond_dropout = 0.05  # p: instruction dropped when r < 2p, image when p <= r < 3p
@@ -136,7 +136,7 @@ def get_config(arg: str | None = None):
     config.data.latent_cache = ""
     config.sample.tile = 32
     config.eval.count = 0
-  elif arg == "long":  # the documented longer run: 5x the data, 3x the steps (README, "Does it work?")
+  elif arg == "long":  # the documented longer run: 5x the data, 12000 steps (README, "Does it work?")
     config.num_steps = 12_000
     config.data.builder_config = "64px_10k"
     config.sample.every = 2000
