@@ -13,8 +13,8 @@ def get_config(arg: str | None = None):
   config = ml_collections.ConfigDict()
   config.job = "study"
   config.seeds = (0, 1, 2)  # each seed trains both models (same data order, init and noise)
-  # The train job's config for both models: the default demo's (6000 steps, cosine decay), so the six
-  # models take about an hour on 2 cores (README, "The study").
+  # The train job's config for both models: the default demo's (six models: about an hour on 2 cores;
+  # README, "The study").
   config.train = train_configs.get_config()
 
   config.eval = ml_collections.ConfigDict()
