@@ -109,6 +109,11 @@ def test_train_jobs_final_evaluation_judges_the_model_and_its_references(quick_s
   got = [s["truth through the VAE"]["overall"][p]["mean"] for p in synthetic_eval.PERSPECTIVES]
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert s["model at 5,5,5"]["overall"]["following"]["n"] == 7
+  effect = report["text_effect"]
+  assert effect["timesteps"] == list(synthetic_eval.TEXT_EFFECT_TIMESTEPS)
+  assert effect["shares"]["overall"]["instruction"] != effect["shares"]["overall"]["empty"]
+  assert all(np.isfinite(v).all() for row in effect["shares"].values() for v in row.values())
+  assert "Does the U-Net read the instruction?" in (run / "eval.md").read_text()
   stamp = (run / "eval.json").stat().st_mtime_ns
   assert synthetic_eval.evaluate_run(config, run, builder, step=6) == report
   assert (run / "eval.json").stat().st_mtime_ns == stamp
@@ -127,3 +132,44 @@ def test_a_training_stopped_early_stops_the_study_before_any_edit(tmp_path, monk
     study_job.run_study(config, tmp_path)
   assert calls == [str(tmp_path / "baseline_seed0")]
   assert not (tmp_path / "edits").exists() and not (tmp_path / "table.json").exists()
+
+
+def test_text_effect_measures_the_share_of_the_way_to_the_truth_per_branch(quick_study):
+  """A stand-in U-Net whose clean-latent prediction is input + w (truth - input), with w = 0.8 given
+  the instruction and 0.2 given the empty text: `text_effect` must report exactly those shares, per
+  branch, at every timestep and in every row (whatever the model's prediction type)."""
+  import dataclasses
+
+  import jax.numpy as jnp
+
+  from mre_jax.data import input_pipeline
+  from mre_jax.infer import edit, sampling
+  from mre_jax.io import pretrained
+  out, _ = quick_study
+  editor = edit.load_editor(out / "reward_seed0")
+  builder = input_pipeline.build_dataset("synthetic_edit", str(out / "tfds"), config="tiny")
+  test = synthetic_eval.load_test_set(builder, "test", 7)
+  sf = editor.scaling_factor
+  truth = pretrained.vae_encode(editor.vae, editor.vae_params, test.truths.astype(np.float32) / 127.5 - 1.0)[0] * sf
+  null = jnp.asarray(edit.encode_texts(editor, [""] * len(test))[0])
+  alphas = sampling.spec_from_scheduler_config(editor.scheduler_config, "ddim", 1).make_schedule().alphas_cumprod
+  v_prediction = editor.scheduler_config.get("prediction_type", "epsilon") == "v_prediction"
+
+  class StandIn:
+    reward = editor.unet.reward
+
+    def apply(self, variables, sample, t, context, *rest):
+      c = truth.shape[-1]
+      noisy, source = sample[..., :c], sample[..., c:] * sf
+      w = jnp.where(jnp.all(context == null), 0.2, 0.8)
+      x0 = source + w * (truth - source)
+      a = alphas[t[0]]
+      if v_prediction:
+        return (jnp.sqrt(a) * noisy - x0) / jnp.sqrt(1.0 - a)
+      return (noisy - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
+
+  effect = synthetic_eval.text_effect(dataclasses.replace(editor, unet=StandIn()), test, batch_size=len(test))
+  assert list(effect["shares"])[0] == "overall" and len(effect["shares"]) > 2
+  for row in effect["shares"].values():
+    np.testing.assert_allclose(row["instruction"], 0.8, atol=2e-3)
+    np.testing.assert_allclose(row["empty"], 0.2, atol=2e-3)

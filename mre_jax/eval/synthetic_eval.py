@@ -18,12 +18,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from mre_jax.data import input_pipeline, records, synthetic
-from mre_jax.infer import edit
-from mre_jax.io import files
+from mre_jax.infer import diffusion, edit, sampling
+from mre_jax.io import files, pretrained
 from mre_jax.train import vae_train
 
 if TYPE_CHECKING:
@@ -153,11 +155,96 @@ def through_vae(editor: edit.Editor, images: np.ndarray, batch_size: int = 64) -
   return np.clip(np.round((np.concatenate(out) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+TEXT_EFFECT_TIMESTEPS = (999, 800, 600, 400, 200)
+
+
+def text_effect(editor: edit.Editor, test: TestSet, *, timesteps: Sequence[int] = TEXT_EFFECT_TIMESTEPS,
+                seed: int = 0, batch_size: int = 35) -> dict:
+  """How much the instruction moves the U-Net: a diagnosis of following, without the sampler.
+
+  For each example, the truth's latents are noised to timestep t (the same noise for both
+  branches) and the U-Net predicts the clean latents from them and the input's latents, once
+  with the instruction and once with the empty text (rewards 5,5,5 and "None; None; None" in
+  both). Inside the edited region (the latent pixels where the truth's latents differ from the
+  input's by at least half the example's largest difference), the share of the way from the
+  input's latents to the truth's that the prediction covers is
+
+    1 - sqrt(sum |x0 - truth|^2 / sum |input - truth|^2),  summed over a category's examples:
+
+  0 for a copy of the input, 1 for the truth. Equal shares with and without the instruction mean
+  the U-Net does not read it for that category.
+
+  Returns {"timesteps": [...], "shares": {row: {"instruction": [per t], "empty": [per t]}}}, rows
+  "overall" and each category present.
+  """
+  schedule = sampling.spec_from_scheduler_config(editor.scheduler_config, "euler_ancestral", 1).make_schedule()
+  v_prediction = editor.scheduler_config.get("prediction_type", "epsilon") == "v_prediction"
+  unet, vae = editor.unet, editor.vae
+
+  @jax.jit
+  def clean_latents(unet_params, vae_params, originals, truths, context, null_context, scores, reward_embeds, key, t):
+    cond = pretrained.vae_encode(vae, vae_params, originals)[0].astype(jnp.float32)
+    target = pretrained.vae_encode(vae, vae_params, truths)[0].astype(jnp.float32) * editor.scaling_factor
+    noise = jax.random.normal(key, target.shape)
+    tt = jnp.full((target.shape[0],), t)
+    noisy = diffusion.add_noise(schedule, target, noise, tt)
+    alpha_bar = schedule.alphas_cumprod[t]
+    reward = (scores, reward_embeds) if unet.reward else (None, None)
+    out = []
+    for ctx in (context, null_context):
+      pred = unet.apply({"params": unet_params}, jnp.concatenate([noisy, cond], -1), tt, ctx, *reward)
+      pred = pred.astype(jnp.float32)
+      if v_prediction:
+        out.append(jnp.sqrt(alpha_bar) * noisy - jnp.sqrt(1.0 - alpha_bar) * pred)
+      else:
+        out.append((noisy - jnp.sqrt(1.0 - alpha_bar) * pred) / jnp.sqrt(alpha_bar))
+    return cond * editor.scaling_factor, target, out[0], out[1]
+
+  cats = np.array(test.categories)
+  rows = ["overall"] + [c for c in records.CATEGORIES if c in set(test.categories)]
+  # per row, per t: summed squared error of each branch and summed squared gap
+  sums = {r: np.zeros((len(timesteps), 3)) for r in rows}
+  for start in range(0, len(test), batch_size):
+    stop = min(start + batch_size, len(test))
+    originals = test.originals[start:stop].astype(np.float32) / 127.5 - 1.0
+    truths = test.truths[start:stop].astype(np.float32) / 127.5 - 1.0
+    c = edit.make_conditioning(editor, originals, test.instructions[start:stop], seeds=list(range(start, stop)),
+                               scores=[BEST_SCORES] * (stop - start), reward_texts=[BEST_REWARD_TEXT] * (stop - start))
+    for k, t in enumerate(timesteps):
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), int(t)), start)
+      source, target, with_text, without = (np.asarray(x, np.float64) for x in clean_latents(
+          editor.unet_params, editor.vae_params, originals, truths, c.context, c.null_context, c.scores,
+          c.reward_embeds, key, int(t)))
+      gap = np.sqrt(np.sum((target - source) ** 2, axis=-1))  # [b, h, w]
+      region = (gap >= 0.5 * gap.reshape(len(gap), -1).max(axis=1)[:, None, None]) & (gap > 0)
+      per_example = np.stack([np.sum(((x - target) ** 2).sum(-1) * region, axis=(1, 2))
+                              for x in (with_text, without, source)], axis=-1)  # [b, 3]
+      for r in rows:
+        m = np.ones(stop - start, bool) if r == "overall" else cats[start:stop] == r
+        sums[r][k] += per_example[m].sum(axis=0)
+  shares = {}
+  for r in rows:
+    gap = np.maximum(sums[r][:, 2], 1e-12)
+    shares[r] = {"instruction": [float(x) for x in 1.0 - np.sqrt(sums[r][:, 0] / gap)],
+                 "empty": [float(x) for x in 1.0 - np.sqrt(sums[r][:, 1] / gap)]}
+  return {"timesteps": [int(t) for t in timesteps], "shares": shares}
+
+
+def text_effect_markdown(effect: dict) -> str:
+  """A table: one row per category, one column per timestep, "with / without the instruction"."""
+  head = "| row | " + " | ".join(f"t = {t}" for t in effect["timesteps"]) + " |"
+  lines = [head, "|" + " --- |" * (len(effect["timesteps"]) + 1)]
+  for row, s in effect["shares"].items():
+    lines.append(f"| {row} | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(s["instruction"], s["empty"])) + " |")
+  return "\n".join(lines)
+
+
 def evaluate_run(config: ml_collections.ConfigDict, workdir: Path, builder: tfds.core.DatasetBuilder,
                  step: int) -> dict:
   """The train job's final evaluation: the run's EMA model at rewards (5, 5, 5) and "None; None;
   None" on `config.eval.count` test examples, beside the references (the unchanged input, the
-  ground truth, and the ground truth through the VAE). Writes `eval.json` and `eval.md` in
+  ground truth, and the ground truth through the VAE), and how much the instruction moves its U-Net
+  (`text_effect`). Writes `eval.json` and `eval.md` in
   `workdir` (a finished run rerun prints the evaluation it already has); returns the report."""
   ev = config.eval
   sampler = dict(steps=ev.steps, text_guidance=ev.text_guidance, image_guidance=ev.image_guidance,
@@ -174,11 +261,16 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Path, builder: tfds
   edits = {"model at 5,5,5": edit_test_set(editor, test, seed=ev.seed, **sampler), **reference_edits(test),
            "truth through the VAE": through_vae(editor, test.truths)}
   summaries = {name: summarize(judge_set(test, images), test.categories) for name, images in edits.items()}
+  effect = text_effect(editor, test, seed=ev.seed, batch_size=ev.batch_size)
   report = {"step": step, "split": ev.split, "count": len(test), "sampler": sampler, "seed": ev.seed,
-            "model": editor.source, "summaries": summaries}
+            "model": editor.source, "summaries": summaries, "text_effect": effect}
   text = (f"Exact judge on {len(test)} held-out {ev.split} edits (synthetic.judge, 0-5; mean [95% bootstrap "
           f"interval]):\n\n{table_markdown(summaries)}\n\nThe model per category:\n\n"
-          f"{category_markdown(summaries['model at 5,5,5'])}\n")
+          f"{category_markdown(summaries['model at 5,5,5'])}\n\n"
+          "Does the U-Net read the instruction? Share of the way from the input's latents to the truth's that "
+          "its clean-latent prediction covers in the edited region, from the truth noised to t, with the "
+          "instruction / with the empty text (synthetic_eval.text_effect; equal: the text is not used):\n\n"
+          f"{text_effect_markdown(effect)}\n")
   files.write_atomic(workdir / "eval.md", text)
   files.write_json(done, report, indent=2)
   print(text)
