@@ -136,11 +136,12 @@ def get_config(arg: str | None = None):
     config.data.latent_cache = ""
     config.sample.tile = 32
     config.eval.count = 0
-  elif arg == "long":  # the documented longer run: 5x the data, 12000 steps (README, "Does it work?")
-    config.num_steps = 12_000
+  elif arg == "long":  # the documented longer run: 5x the data, 20000 steps (README, "Does it work?")
+    config.num_steps = 20_000
     config.data.builder_config = "64px_10k"
-    config.sample.every = 2000
-    config.checkpoint.every = 2000
+    config.sample.every = 4000
+    config.checkpoint.every = 4000
+    config.checkpoint.keep = 5
   elif arg == "sd15":  # SPEC section 3: stage 2 from an InstructPix2Pix / stage-1 folder
     config.num_steps = 10_000
     config.batch_size = 16  # per GPU 4 x 4 accumulation in the release; scale with devices
