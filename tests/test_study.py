@@ -114,6 +114,10 @@ def test_train_jobs_final_evaluation_judges_the_model_and_its_references(quick_s
   assert effect["shares"]["overall"]["instruction"] != effect["shares"]["overall"]["empty"]
   assert all(np.isfinite(v).all() for row in effect["shares"].values() for v in row.values())
   assert "Does the U-Net read the instruction?" in (run / "eval.md").read_text()
+  rebatched = synthetic_eval.text_effect(editor, test, batch_size=3)  # 3 + 3 + 1: other programs, same noise
+  for row, shares in effect["shares"].items():
+    for branch in ("instruction", "empty"):
+      np.testing.assert_allclose(rebatched["shares"][row][branch], shares[branch], rtol=1e-5, atol=1e-4)
   stamp = (run / "eval.json").stat().st_mtime_ns
   assert synthetic_eval.evaluate_run(config, run, builder, step=6) == report
   assert (run / "eval.json").stat().st_mtime_ns == stamp
