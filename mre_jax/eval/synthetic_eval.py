@@ -173,7 +173,10 @@ def text_effect(editor: edit.Editor, test: TestSet, *, timesteps: Sequence[int] 
 
   0 for a copy of the input, 1 for the truth. Equal shares with and without the instruction mean
   the U-Net does not read it for that category. Example i's noise at t comes from (seed, t, i)
-  alone, so the figures do not depend on `batch_size`.
+  alone, so the figures do not depend on `batch_size`. For an epsilon-prediction model the
+  clean latents at t = 999 are (x_t - sqrt(1 - a) eps) / sqrt(a) with sqrt(a) = 0.07 (SD's
+  schedule): its error is magnified 15x there and the shares can fall far below 0; compare the
+  two branches rather than read them alone.
 
   Returns {"timesteps": [...], "shares": {row: {"instruction": [per t], "empty": [per t]}}}, rows
   "overall" and each category present.
