@@ -181,15 +181,21 @@ def text_effect(editor: edit.Editor, test: TestSet, *, timesteps: Sequence[int] 
   Returns {"timesteps": [...], "shares": {row: {"instruction": [per t], "empty": [per t]}}}, rows
   "overall" and each category present.
   """
-  schedule = sampling.spec_from_scheduler_config(editor.scheduler_config, "euler_ancestral", 1).make_schedule()
-  v_prediction = editor.scheduler_config.get("prediction_type", "epsilon") == "v_prediction"
-  unet, vae = editor.unet, editor.vae
+  spec = sampling.spec_from_scheduler_config(editor.scheduler_config, "euler_ancestral", 1)
+  schedule, v_prediction = spec.make_schedule(), spec.prediction_type == "v_prediction"
+  unet, vae, sf = editor.unet, editor.vae, editor.scaling_factor
 
   @jax.jit
-  def clean_latents(unet_params, vae_params, originals, truths, context, null_context, scores, reward_embeds, keys, t):
+  def encode(vae_params, originals, truths):
+    """(input's latents unscaled: the U-Net's image condition, truth's latents scaled)."""
     cond = pretrained.vae_encode(vae, vae_params, originals)[0].astype(jnp.float32)
-    target = pretrained.vae_encode(vae, vae_params, truths)[0].astype(jnp.float32) * editor.scaling_factor
-    noise = jax.vmap(lambda k: jax.random.normal(k, target.shape[1:]))(keys)
+    return cond, pretrained.vae_encode(vae, vae_params, truths)[0].astype(jnp.float32) * sf
+
+  @jax.jit
+  def clean_latents(unet_params, cond, target, context, null_context, scores, reward_embeds, index, t):
+    """The U-Net's clean latents from the truth noised to t, with each context; noise per example."""
+    base = jax.random.fold_in(jax.random.PRNGKey(seed), t)
+    noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), target.shape[1:]))(index)
     tt = jnp.full((target.shape[0],), t)
     noisy = diffusion.add_noise(schedule, target, noise, tt)
     alpha_bar = schedule.alphas_cumprod[t]
@@ -202,10 +208,11 @@ def text_effect(editor: edit.Editor, test: TestSet, *, timesteps: Sequence[int] 
         out.append(jnp.sqrt(alpha_bar) * noisy - jnp.sqrt(1.0 - alpha_bar) * pred)
       else:
         out.append((noisy - jnp.sqrt(1.0 - alpha_bar) * pred) / jnp.sqrt(alpha_bar))
-    return cond * editor.scaling_factor, target, out[0], out[1]
+    return out
 
   cats = np.array(test.categories)
-  rows = ["overall"] + [c for c in records.CATEGORIES if c in set(test.categories)]
+  present = set(test.categories)
+  rows = ["overall"] + [c for c in records.CATEGORIES if c in present]
   # per row, per t: summed squared error of each branch and summed squared gap
   sums = {r: np.zeros((len(timesteps), 3)) for r in rows}
   for start in range(0, len(test), batch_size):
@@ -214,19 +221,19 @@ def text_effect(editor: edit.Editor, test: TestSet, *, timesteps: Sequence[int] 
     truths = test.truths[start:stop].astype(np.float32) / 127.5 - 1.0
     c = edit.make_conditioning(editor, originals, test.instructions[start:stop], seeds=list(range(start, stop)),
                                scores=[BEST_SCORES] * (stop - start), reward_texts=[BEST_REWARD_TEXT] * (stop - start))
+    cond, target = encode(editor.vae_params, originals, truths)
+    source, truth = np.asarray(cond, np.float64) * sf, np.asarray(target, np.float64)
+    gap = np.sqrt(np.sum((truth - source) ** 2, axis=-1))  # [b, h, w]
+    region = (gap >= 0.5 * gap.reshape(len(gap), -1).max(axis=1)[:, None, None]) & (gap > 0)
+    masks = {r: np.ones(stop - start, bool) if r == "overall" else cats[start:stop] == r for r in rows}
     for k, t in enumerate(timesteps):
-      base = jax.random.fold_in(jax.random.PRNGKey(seed), int(t))
-      keys = jnp.stack([jax.random.fold_in(base, i) for i in range(start, stop)])  # per example: batching-free
-      source, target, with_text, without = (np.asarray(x, np.float64) for x in clean_latents(
-          editor.unet_params, editor.vae_params, originals, truths, c.context, c.null_context, c.scores,
-          c.reward_embeds, keys, int(t)))
-      gap = np.sqrt(np.sum((target - source) ** 2, axis=-1))  # [b, h, w]
-      region = (gap >= 0.5 * gap.reshape(len(gap), -1).max(axis=1)[:, None, None]) & (gap > 0)
-      per_example = np.stack([np.sum(((x - target) ** 2).sum(-1) * region, axis=(1, 2))
+      with_text, without = (np.asarray(x, np.float64) for x in clean_latents(
+          editor.unet_params, cond, target, c.context, c.null_context, c.scores, c.reward_embeds,
+          np.arange(start, stop), int(t)))
+      per_example = np.stack([np.sum(((x - truth) ** 2).sum(-1) * region, axis=(1, 2))
                               for x in (with_text, without, source)], axis=-1)  # [b, 3]
       for r in rows:
-        m = np.ones(stop - start, bool) if r == "overall" else cats[start:stop] == r
-        sums[r][k] += per_example[m].sum(axis=0)
+        sums[r][k] += per_example[masks[r]].sum(axis=0)
   shares = {}
   for r in rows:
     gap = np.maximum(sums[r][:, 2], 1e-12)
