@@ -21,6 +21,7 @@ JOBS = {
     "annotate": "mre_jax.jobs.annotate:annotate",
     "edit": "mre_jax.jobs.edit:edit",
     "vae": "mre_jax.jobs.vae:train_vae",
+    "text": "mre_jax.jobs.text:train_text",
     "study": "mre_jax.jobs.study:run_study",
     "serve": "mre_jax.jobs.serve:serve",
 }

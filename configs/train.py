@@ -34,6 +34,9 @@ def get_config(arg: str | None = None):
   config.model.conv = "auto"  # auto | xla | winograd
   config.model.norm = "auto"  # GroupNorm: auto | xla | cpu
   config.model.vae = "synthetic_64px"  # init=tiny: a shipped VAE (tiny.VAES), a diffusers folder, or "" (random)
+  # init=tiny: "" (a random text encoder) or a folder the text job wrote (configs/text.py: CLIP-style
+  # pretraining on the synthetic world; README, "The random text encoder is what holds local edits back")
+  config.model.text_encoder = ""
   # init=tiny: keys of the scheduler config written to frozen/scheduler/ (training and sampling read it)
   # over SD 1.5's. v_prediction: at high noise an epsilon target weighs the image by alpha_bar / (1 -
   # alpha_bar) (0.005 at the last step), too little for a small U-Net to learn to draw it from the input

@@ -113,10 +113,13 @@ def vae_folder(name: str) -> Path | None:
   return folder
 
 
-def write_frozen_parts(folder: str | os.PathLike, seed: int = 0, vae: str = "", scheduler: dict | None = None) -> Path:
-  """Tiny tokenizer/, text_encoder/ (random) and scheduler/ in diffusers format, and vae/:
-  random tiny, or copied from `vae` (see `vae_folder`). `scheduler`: keys of SD 1.5's scheduler
-  config (export.SCHEDULER_CONFIG) to change, for example the beta schedule."""
+def write_frozen_parts(folder: str | os.PathLike, seed: int = 0, vae: str = "", scheduler: dict | None = None,
+                       text_encoder: str = "") -> Path:
+  """Tiny tokenizer/, text_encoder/ and scheduler/ in diffusers format, and vae/: random tiny, or
+  copied from `vae` (see `vae_folder`). The text encoder is random, or copied from the folder
+  `text_encoder` (holding text_encoder/ and tokenizer/: what the `text` job writes), whose
+  tokenizer must be this one. `scheduler`: keys of SD 1.5's scheduler config
+  (export.SCHEDULER_CONFIG) to change, for example the beta schedule."""
   unknown = sorted(set(scheduler or {}) - set(export.SCHEDULER_CONFIG))
   if unknown:
     raise ValueError(f"scheduler config keys {unknown}: expected some of {sorted(export.SCHEDULER_CONFIG)}")
@@ -131,8 +134,18 @@ def write_frozen_parts(folder: str | os.PathLike, seed: int = 0, vae: str = "", 
     export.write_component(folder / "vae", VAE, pretrained.vae_state_dict(vae_params), export.UNET_WEIGHTS)
   else:
     shutil.copytree(source / "vae", folder / "vae")
-  export.write_component(folder / "text_encoder", text_config(vocab_size),
-                         pretrained.text_encoder_state_dict(text_params), export.TEXT_WEIGHTS)
+  if text_encoder:
+    source = Path(text_encoder)
+    for name in ("vocab.json", "merges.txt"):
+      theirs = source / "tokenizer" / name
+      if not theirs.is_file() or theirs.read_bytes() != (folder / "tokenizer" / name).read_bytes():
+        raise ValueError(f"text encoder {text_encoder!r}: {theirs} is missing or differs from the demo "
+                         "tokenizer's (expected a folder written by the text job)")
+    pretrained.load_text_encoder(source)  # fails early, naming the file, if the weights do not load
+    shutil.copytree(source / "text_encoder", folder / "text_encoder")
+  else:
+    export.write_component(folder / "text_encoder", text_config(vocab_size),
+                           pretrained.text_encoder_state_dict(text_params), export.TEXT_WEIGHTS)
   (folder / "scheduler").mkdir(exist_ok=True)
   (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**export.SCHEDULER_CONFIG, **(scheduler or {})}))
   return folder

@@ -76,7 +76,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: Path) -> tuple[c
     tmp = checkpointing.staging_dir(workdir / checkpointing.FROZEN_DIR)
     if config.model.init == "tiny":
       tiny.write_frozen_parts(tmp, seed=config.seed, vae=config.model.get("vae", ""),
-                              scheduler=dict(config.model.get("scheduler", {})))
+                              scheduler=dict(config.model.get("scheduler", {})),
+                              text_encoder=config.model.get("text_encoder", ""))
     else:
       source = config.model.pretrained
       source = checkpointing.frozen_dir(source) if checkpointing.is_checkpoint(source) else source
