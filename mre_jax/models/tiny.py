@@ -97,9 +97,11 @@ def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
   return pieces
 
 
-# Trained VAEs shipped with the package (diffusers folders holding vae/), by name.
+# Trained parts shipped with the package, by name: VAEs (diffusers folders holding vae/), written by
+# the vae job, and text encoders (folders holding text_encoder/ and tokenizer/), written by the text job.
 ASSETS = Path(__file__).parent / "assets"
 VAES = {"synthetic_64px": ASSETS / "vae_synthetic_64px"}
+TEXT_ENCODERS = {"synthetic_64px": ASSETS / "text_synthetic_64px"}
 
 
 def vae_folder(name: str) -> Path | None:
@@ -110,6 +112,17 @@ def vae_folder(name: str) -> Path | None:
   if not (folder / "vae" / "config.json").is_file():
     raise FileNotFoundError(f"VAE {name!r}: {folder / 'vae' / 'config.json'} does not exist (expected one of "
                             f"{sorted(VAES)} or a diffusers folder holding vae/)")
+  return folder
+
+
+def text_encoder_folder(name: str) -> Path | None:
+  """The folder (with text_encoder/ and tokenizer/) of `name`: a shipped encoder's name, a path, or "" (None: random)."""
+  if not name:
+    return None
+  folder = TEXT_ENCODERS.get(name, Path(name))
+  if not (folder / "text_encoder" / "config.json").is_file():
+    raise FileNotFoundError(f"text encoder {name!r}: {folder / 'text_encoder' / 'config.json'} does not exist "
+                            f"(expected one of {sorted(TEXT_ENCODERS)} or a folder written by the text job)")
   return folder
 
 
@@ -134,8 +147,8 @@ def write_frozen_parts(folder: str | os.PathLike, seed: int = 0, vae: str = "", 
     export.write_component(folder / "vae", VAE, pretrained.vae_state_dict(vae_params), export.UNET_WEIGHTS)
   else:
     shutil.copytree(source / "vae", folder / "vae")
-  if text_encoder:
-    source = Path(text_encoder)
+  source = text_encoder_folder(text_encoder)
+  if source is not None:
     for name in ("vocab.json", "merges.txt"):
       theirs = source / "tokenizer" / name
       if not theirs.is_file() or theirs.read_bytes() != (folder / "tokenizer" / name).read_bytes():
