@@ -4,6 +4,9 @@ python main.py --config=configs/text.py --workdir=T
 python main.py --config=configs/train.py --config.model.text_encoder=T --workdir=W
 
 Writes T/text_encoder and T/tokenizer (diffusers format) and T/text_eval.json (test retrieval).
+The encoder configs/train.py freezes by default (model.text_encoder="synthetic_64px") is this
+config's T/text_encoder, T/tokenizer and T/text_eval.json, copied to
+mre_jax/models/assets/text_synthetic_64px/.
 """
 
 import ml_collections
@@ -13,7 +16,7 @@ def get_config(arg: str | None = None):
   config = ml_collections.ConfigDict()
   config.job = "text"
   config.seed = 0  # the random encoder of a train run with this seed, the scaffolding's init, the batches
-  config.num_steps = 2000  # optimiser steps (about 8 minutes on 2 CPU cores)
+  config.num_steps = 2000  # optimiser steps (7.5 and 18 minutes on two 2-core CPU machines)
   config.batch_size = 128  # edits per step (each one's instruction is the others' negative)
   config.lr = 1e-3  # AdamW peak learning rate, cosine decay to 0
   config.weight_decay = 1e-4

@@ -424,13 +424,16 @@ def test_metrics_reach_the_host_at_log_steps_and_the_grid_is_traced_once(tfds_di
   monkeypatch.setattr(jax, "device_get", device_get)
   chex.clear_trace_counter()
   monkeypatch.setattr(samples, "_grid_edits", chex.assert_max_traces(samples._grid_edits, n=1))
-  real_grid, traces = samples._sample_grid, []
+  real_grid, traces, guidance = samples._sample_grid, [], []
   monkeypatch.setattr(samples, "_sample_grid",
-                      lambda *a: (real_grid(*a), traces.append(sum(sampler_traces.since().values())))[0])
-  loop.train_and_evaluate(_config(tfds_dir, **{"log_every": 3, "checkpoint.every": 6, "sample.every": 2}),
+                      lambda *a: (real_grid(*a), traces.append(sum(sampler_traces.since().values())),
+                                  guidance.append(a[1]["guidance"].tolist()))[0])
+  loop.train_and_evaluate(_config(tfds_dir, **{"log_every": 3, "checkpoint.every": 6, "sample.every": 2,
+                                               "sample.text_guidance": 2.5, "sample.image_guidance": 1.25}),
                           str(tmp_path))
   assert [len(losses) for losses in fetched] == [3, 3]
   assert traces == [1, 1, 1], traces  # sampler traces after each grid: one, at the first
+  assert guidance == [[2.5, 1.25]] * 3  # the config's, not the release's 7.5 / 1.5
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [3, 6]
   # a line holds the mean over its interval's steps

@@ -36,6 +36,7 @@ def make_sample_grid_fn(config: ml_collections.ConfigDict, unet: models.RewardUN
   inputs = {k: batch[k] for k in ("original", "instruction_ids", "reward_ids", "scores")}
   inputs["best_ids"] = tokens.tokenize(frozen.tokenizer, ["; ".join(input_pipeline.BEST_REWARD_TEXTS)] * n)
   inputs["keys"] = sampling.seed_keys(range(n))
+  inputs["guidance"] = np.asarray([config.sample.text_guidance, config.sample.image_guidance], np.float32)
   edits_fn = jax.jit(functools.partial(_grid_edits, sample_fn, frozen.text_encoder))
   return functools.partial(_sample_grid, edits_fn, inputs, batch, config.sample.tile)
 
@@ -44,7 +45,8 @@ def _grid_edits(sample_fn, text_encoder, ema_params, fparams, inputs: dict) -> t
   """The edits of a grid: (at (5, 5, 5) and "None; None; None", at the target's own rewards).
 
   inputs: original float32 [n, H, W, 3] in [-1, 1]; instruction_ids, reward_ids, best_ids (the
-  best reward text) int32 [n, 77]; scores float32 [n, 3]; keys uint32 [n, 2].
+  best reward text) int32 [n, 77]; scores float32 [n, 3]; keys uint32 [n, 2]; guidance float32 [2]
+  (text, image).
   Returns two float32 [n, H, W, 3] in [0, 1].
   """
   encode = functools.partial(pretrained.encode_text, text_encoder, fparams["text"])
@@ -55,7 +57,7 @@ def _grid_edits(sample_fn, text_encoder, ema_params, fparams, inputs: dict) -> t
   _, own = encode(inputs["reward_ids"])
   best_scores = jnp.tile(jnp.asarray(input_pipeline.BEST_SCORES, jnp.float32), (ids.shape[0], 1))
   cond = sampling.Conditioning(inputs["original"], context, null_context, best_scores, best, inputs["keys"])
-  guidance = jnp.asarray([sampling.TEXT_GUIDANCE, sampling.IMAGE_GUIDANCE], jnp.float32)
+  guidance = inputs["guidance"]
   at_best, _ = sample_fn(ema_params, fparams["vae"], cond, guidance)
   at_own, _ = sample_fn(ema_params, fparams["vae"], cond._replace(scores=inputs["scores"], reward_embeds=own),
                         guidance)
