@@ -104,26 +104,25 @@ VAES = {"synthetic_64px": ASSETS / "vae_synthetic_64px"}
 TEXT_ENCODERS = {"synthetic_64px": ASSETS / "text_synthetic_64px"}
 
 
-def vae_folder(name: str) -> Path | None:
-  """The diffusers folder (with vae/) of `name`: a shipped VAE's name, a path, or "" (None: random)."""
+def _shipped_folder(name: str, shipped: dict[str, Path], component: str, what: str, expected: str) -> Path | None:
+  """shipped[name], or the path `name`, holding `component`/config.json; None for ""."""
   if not name:
     return None
-  folder = VAES.get(name, Path(name))
-  if not (folder / "vae" / "config.json").is_file():
-    raise FileNotFoundError(f"VAE {name!r}: {folder / 'vae' / 'config.json'} does not exist (expected one of "
-                            f"{sorted(VAES)} or a diffusers folder holding vae/)")
+  folder = shipped.get(name, Path(name))
+  if not (folder / component / "config.json").is_file():
+    raise FileNotFoundError(f"{what} {name!r}: {folder / component / 'config.json'} does not exist (expected one of "
+                            f"{sorted(shipped)} or {expected})")
   return folder
+
+
+def vae_folder(name: str) -> Path | None:
+  """The diffusers folder (with vae/) of `name`: a shipped VAE's name, a path, or "" (None: random)."""
+  return _shipped_folder(name, VAES, "vae", "VAE", "a diffusers folder holding vae/")
 
 
 def text_encoder_folder(name: str) -> Path | None:
   """The folder (with text_encoder/ and tokenizer/) of `name`: a shipped encoder's name, a path, or "" (None: random)."""
-  if not name:
-    return None
-  folder = TEXT_ENCODERS.get(name, Path(name))
-  if not (folder / "text_encoder" / "config.json").is_file():
-    raise FileNotFoundError(f"text encoder {name!r}: {folder / 'text_encoder' / 'config.json'} does not exist "
-                            f"(expected one of {sorted(TEXT_ENCODERS)} or a folder written by the text job)")
-  return folder
+  return _shipped_folder(name, TEXT_ENCODERS, "text_encoder", "text encoder", "a folder written by the text job")
 
 
 def write_frozen_parts(folder: str | os.PathLike, seed: int = 0, vae: str = "", scheduler: dict | None = None,
