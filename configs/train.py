@@ -14,7 +14,7 @@ def get_config(arg: str | None = None):
   config.job = "train"
   config.seed = 0  # parameters, data order, noise: a run is a function of the seed
   config.stage = 2  # 1: InstructPix2Pix (no rewards); 2: MRE (reward conditioning)
-  config.num_steps = 6000  # optimiser steps (the default run: about 10 minutes on 2 cores; README, "Does it work?")
+  config.num_steps = 6000  # optimiser steps (the default run: 10-25 minutes on 2 cores; README, "Does it work?")
   config.batch_size = 8  # global examples per optimiser step (all processes, all microbatches)
   config.grad_accum_steps = 1  # microbatches per optimiser step
   config.cond_dropout = 0.05  # p: instruction dropped when r < 2p, image when p <= r < 3p
@@ -35,8 +35,8 @@ def get_config(arg: str | None = None):
   config.model.norm = "auto"  # GroupNorm: auto | xla | cpu
   config.model.vae = "synthetic_64px"  # init=tiny: a shipped VAE (tiny.VAES), a diffusers folder, or "" (random)
   # init=tiny: a shipped text encoder (tiny.TEXT_ENCODERS; written by the text job, configs/text.py:
-  # CLIP-style pretraining on the synthetic world), a folder the text job wrote, or "" (random). README,
-  # "The random text encoder is what holds local edits back".
+  # CLIP-style pretraining on the synthetic world), a folder the text job wrote, or "" (random).
+  # docs/experiments.md, "The random text encoder is what holds local edits back".
   config.model.text_encoder = "synthetic_64px"
   # init=tiny: keys of the scheduler config written to frozen/scheduler/ (training and sampling read it)
   # over SD 1.5's. v_prediction: at high noise an epsilon target weighs the image by alpha_bar / (1 -
@@ -44,7 +44,7 @@ def get_config(arg: str | None = None):
   # image; edits then take their colours from the start noise. A velocity target weighs it >= 1.
   # (rescale_betas_zero_snr=True with timestep_spacing="trailing", Lin et al. 2023, was measured
   # too and did not help here. Both were measured before model.unet.norm_num_groups was 8, the
-  # larger cause of those colour casts: README, "Does it work?".)
+  # larger cause of those colour casts: docs/experiments.md.)
   config.model.scheduler = ml_collections.ConfigDict(dict(prediction_type="v_prediction"))
   config.model.unet = ml_collections.ConfigDict()  # init=tiny: fields of models.UNetConfig over tiny.UNET
   config.model.unet.in_channels = 16  # noisy latents + image latents (the shipped VAE has 8 channels)
@@ -81,7 +81,7 @@ def get_config(arg: str | None = None):
   config.optim.clip_norm = 1.0  # global-norm gradient clipping
   config.optim.warmup_steps = 100  # linear warm-up steps (from 0 to lr)
   # After the warm-up: constant (the release) or cosine (decays to 0 at the last step; the demo's
-  # EMA then averages a settling model: README, "Does it work?")
+  # EMA then averages a settling model: docs/experiments.md)
   config.optim.schedule = "cosine"
 
   config.ema = ml_collections.ConfigDict()  # diffusers EMAModel defaults

@@ -64,7 +64,7 @@ class UNetConfig:
   # GroupNorm groups of every resnet, transformer, the MRC's proj_deal and conv_norm_out (SD, the
   # release: 32). A small U-Net needs several channels per group: with one (32 groups of 32
   # channels, an instance norm) conv_norm_out removes every channel's mean from what conv_out
-  # sees, so the output cannot carry an image's colours (README, "Does it work?").
+  # sees, so the output cannot carry an image's colours (docs/experiments.md, "GroupNorm groups").
   norm_num_groups: int = 32
 
   @classmethod

@@ -2,7 +2,7 @@
 
 SD's U-Net reads a text encoder that was pretrained on image-text pairs (CLIP) and then frozen; the
 demo's random one leaves the U-Net to find a colour word among ~70 near-constant padding states,
-and local edits stay unlearnt (README, "Does it work?"). The `text` job (mre_jax/jobs/text.py)
+and local edits stay unlearnt (docs/experiments.md). The `text` job (mre_jax/jobs/text.py)
 trains the tiny CLIP text encoder the way CLIP was trained, at the scale of the synthetic world:
 InfoNCE between the encoder's pooled output (through a linear head) and a small CNN's embedding of
 the edit it describes (original, truth and their difference), each instruction a random paraphrase
