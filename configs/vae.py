@@ -26,6 +26,8 @@ def get_config(arg: str | None = None):
   config.init = ""  # start from a trained VAE (a shipped name, tiny.VAES, or a diffusers folder); "": random
   config.train_encoder = True  # False (needs init): train the decoder only, the latents stay as they were
   config.edge_weight = 0.0  # weight of the L1 error of 1-pixel differences (sharper edges)
+  # > 0: a PatchGAN discriminator and SD's adversarial term, adaptively weighted (SD: 0.5); 0: none
+  config.adv_weight = 0.0
 
   config.vae = ml_collections.ConfigDict()  # AutoencoderKL architecture (diffusers config keys)
   config.vae.block_out_channels = (32, 48, 64)  # one down block per width: 3 -> a 4x VAE
@@ -56,6 +58,13 @@ def get_config(arg: str | None = None):
     config.num_steps = 1500
     config.lr = 3e-4
     config.eval_every = 500
+  elif arg == "adversarial":  # decoder-only adversarial fine-tune of the shipped VAE: same latents, sharper edges
+    config.init = "synthetic_64px"
+    config.train_encoder = False
+    config.adv_weight = 0.5
+    config.num_steps = 1500
+    config.lr = 1e-4
+    config.eval_every = 500
   elif arg not in (None, ""):
-    raise ValueError(f"configs/vae.py: unknown variant {arg!r} (expected quick or sharpen)")
+    raise ValueError(f"configs/vae.py: unknown variant {arg!r} (expected quick, sharpen or adversarial)")
   return config

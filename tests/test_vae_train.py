@@ -1,8 +1,10 @@
 """The vae job: trains an AutoencoderKL, writes it in diffusers format with its test PSNR."""
+import functools
 import json
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from configs import vae as vae_config
@@ -128,4 +130,67 @@ def test_decoder_only_needs_an_init(tmp_path):
   config = vae_config.get_config("quick")
   config.train_encoder = False
   with pytest.raises(ConfigError, match="train_encoder=False needs config.init"):
+    vae_job.train_vae(config, str(tmp_path))
+
+
+def _quick_vae():
+  from mre_jax.io import weights
+  vae = pretrained.make_vae(vae_train.vae_config(vae_config.get_config("quick")))
+  return vae, weights.init_like_torch(pretrained.vae_param_shapes(vae), 0)
+
+
+def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms():
+  rec = {"decoder": {"conv_out": {"kernel": np.full((3, 3, 2, 3), 2.0, np.float32)}}}
+  adv = {"decoder": {"conv_out": {"kernel": np.full((3, 3, 2, 3), 0.5, np.float32)}}}
+  # |rec| = 2 sqrt(54), |adv| = 0.5 sqrt(54): ratio 4 (up to the 1e-4 guard), times adv_weight.
+  want = 0.5 * 2 * np.sqrt(54) / (0.5 * np.sqrt(54) + 1e-4)
+  np.testing.assert_allclose(float(vae_train.adaptive_weight(rec, adv, 0.5)), want, rtol=1e-6)
+
+
+def test_discriminator_learns_to_tell_decoded_from_real():
+  """Hinge steps on one batch: the discriminator's logits for real images rise above those for the
+  (random) VAE's reconstructions, and the generator term moves the decoder beyond what the
+  reconstruction alone does."""
+  vae, params = _quick_vae()
+  config = vae_config.get_config("quick")
+  config.adv_weight = 0.5
+  tx, disc = vae_train.optimizer(config), vae_train.Discriminator()
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3), minval=-1, maxval=1)
+  rng = jax.random.PRNGKey(2)
+  d_params = disc.init(jax.random.PRNGKey(3), x)["params"]
+  d_tx = optax.adam(1e-3)
+  step = jax.jit(functools.partial(vae_train.adversarial_step, vae=vae, tx=tx, disc=disc, disc_tx=d_tx,
+                                   kl_weight=0.0, edge_weight=0.0, adv_weight=0.5))
+  p, s, d, ds = params, tx.init(params), d_params, d_tx.init(d_params)
+  for _ in range(30):
+    p, s, d, ds, metrics = step(p, s, d, ds, x, rng)
+  y = vae_train._reconstruct(vae, p, x, rng)[0]
+  assert float(disc.apply({"params": d}, x).mean()) > float(disc.apply({"params": d}, y).mean()) + 0.5
+  assert float(metrics["adv_lambda"]) > 0 and np.isfinite(float(metrics["discriminator"]))
+  plain, _, _ = vae_train.train_step(params, tx.init(params), x, rng, vae=vae, tx=tx, kl_weight=0.0)
+  adv, *_ = step(params, tx.init(params), d_params, d_tx.init(d_params), x, rng)
+  assert not np.allclose(np.asarray(plain["decoder"]["conv_out"]["kernel"]),
+                         np.asarray(adv["decoder"]["conv_out"]["kernel"]))
+
+
+def test_adversarial_finetune_keeps_the_latents(vae_run, tmp_path):
+  """configs/vae.py:adversarial's settings on the quick VAE: decoder-only, the encoder bit for bit."""
+  first = vae_run[1]
+  config = vae_config.get_config("quick")
+  config.data.data_dir = vae_run[0].data.data_dir
+  config.init, config.train_encoder, config.adv_weight = str(first), False, 0.5
+  vae_job.train_vae(config, str(tmp_path))
+  _, before = pretrained.load_vae(first)
+  _, after = pretrained.load_vae(tmp_path)
+  for part in ("encoder", "quant_conv"):
+    for a, b in zip(jax.tree_util.tree_leaves(before[part]), jax.tree_util.tree_leaves(after[part])):
+      np.testing.assert_array_equal(a, b)
+  metrics = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert all(m["adv_lambda"] > 0 and np.isfinite(m["discriminator"]) for m in metrics)
+
+
+def test_negative_adv_weight_fails_early(tmp_path):
+  config = vae_config.get_config("quick")
+  config.adv_weight = -1.0
+  with pytest.raises(ConfigError, match="config.adv_weight=-1.0"):
     vae_job.train_vae(config, str(tmp_path))

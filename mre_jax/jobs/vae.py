@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -46,6 +47,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       f"at most config.image_size={config.image_size}")
   if not config.init and not config.train_encoder:
     raise ConfigError("config.train_encoder=False needs config.init (a trained VAE whose encoder to keep)")
+  if config.adv_weight < 0:
+    raise ConfigError(f"config.adv_weight={config.adv_weight}: must be >= 0 (0: no discriminator)")
   if config.num_steps < 1 or config.batch_size < 1:
     raise ConfigError(f"config.num_steps={config.num_steps}, config.batch_size={config.batch_size}: must be >= 1")
 
@@ -99,6 +102,18 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, vae: models.Autoenc
   opt_state = tx.init(params)
   step_fn = jax.jit(functools.partial(vae_train.train_step, vae=vae, tx=tx, kl_weight=config.kl_weight,
                                       edge_weight=config.edge_weight), donate_argnums=(0, 1))
+  if config.adv_weight > 0:  # the discriminator's params and Adam state ride along in `disc`
+    disc, disc_tx = vae_train.Discriminator(), vae_train.optimizer(config)
+    disc_params = disc.init(jax.random.PRNGKey(config.seed + 1),
+                            jnp.zeros((1, config.crop_size, config.crop_size, 3)))["params"]
+    adv_fn = jax.jit(functools.partial(vae_train.adversarial_step, vae=vae, tx=tx, disc=disc, disc_tx=disc_tx,
+                                       kl_weight=config.kl_weight, edge_weight=config.edge_weight,
+                                       adv_weight=config.adv_weight), donate_argnums=(0, 1, 2, 3))
+    state = [disc_params, disc_tx.init(disc_params)]
+
+    def step_fn(params, opt_state, x, rng):
+      params, opt_state, state[0], state[1], metrics = adv_fn(params, opt_state, state[0], state[1], x, rng)
+      return params, opt_state, metrics
   rng, key = np.random.default_rng(config.seed), jax.random.PRNGKey(config.seed)
   t0 = time.time()
   with open(workdir / "metrics.jsonl", "a") as log:

@@ -8,7 +8,11 @@ and writes it in the diffusers AutoencoderKL format.
 Loss: L1 + L2 reconstruction of the decoded posterior sample, plus `kl_weight` times the KL
 to a unit Gaussian (as SD's VAE, without the perceptual and adversarial terms), plus
 `edge_weight` times the L1 error of the 1-pixel differences (an edge term: L1/L2 alone settle
-for soft edges where the latent is ambiguous). `init` starts from a trained VAE (a shipped
+for soft edges where the latent is ambiguous). `adv_weight` > 0 adds SD's adversarial term: a small
+PatchGAN `Discriminator` (hinge loss) and the decoder's generator loss, weighted adaptively as in
+taming-transformers (adv_weight x the ratio of the reconstruction's to the adversarial term's
+gradient norm at the decoder's last layer). L1/L2 and the edge term leave the decoder's edges soft;
+the adversarial term sharpens them (docs/experiments.md, "A sharper decoder"). `init` starts from a trained VAE (a shipped
 name or a folder) and `train_encoder=False` trains only the decoder (post_quant_conv and
 decoder), as SD's ft-MSE VAE: the latents, so every latent cache and U-Net trained on them,
 stay valid. Training uses random crops (the VAE is convolutional); evaluation runs on whole
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import linen as nn
 
 from mre_jax import models
 from mre_jax.data import input_pipeline
@@ -65,12 +70,17 @@ def _posterior(vae, params, x):
   return pretrained.vae_encode(vae, params, x)
 
 
+def _reconstruct(vae, params, x, rng):
+  """(decoded posterior sample, mean, logvar) for images x [B, H, W, 3] in [-1, 1]."""
+  mean, logvar = _posterior(vae, params, x)
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+  return pretrained.vae_decode(vae, params, z), mean, logvar
+
+
 def loss_fn(params: Any, x: jax.Array, rng: jax.Array, *, vae: models.AutoencoderKL, kl_weight: float,
             edge_weight: float = 0.0) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
   """(loss, (reconstruction error, KL per latent pixel, edge error)) for images x [B, H, W, 3] in [-1, 1]."""
-  mean, logvar = _posterior(vae, params, x)
-  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
-  y = pretrained.vae_decode(vae, params, z)
+  y, mean, logvar = _reconstruct(vae, params, x, rng)
   rec = jnp.mean(jnp.abs(y - x)) + jnp.mean((y - x) ** 2)
   kl = 0.5 * jnp.mean(jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
   edge = sum(jnp.mean(jnp.abs(jnp.diff(y, axis=a) - jnp.diff(x, axis=a))) for a in (1, 2))
@@ -87,6 +97,57 @@ def train_step(params: Any, opt_state: optax.OptState, x: jax.Array, rng: jax.Ar
                                                            "edge": edge}
 
 
+class Discriminator(nn.Module):
+  """A small PatchGAN (Isola et al. 2017; SD's VAE uses a larger one): images [B, H, W, 3] in [-1, 1]
+  -> real/fake logits [B, H/4, W/4, 1], one per overlapping patch."""
+  width: int = 32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.leaky_relu(nn.Conv(self.width, (4, 4), (2, 2), padding=1)(x), 0.2)
+    x = nn.leaky_relu(nn.GroupNorm(8)(nn.Conv(2 * self.width, (4, 4), (2, 2), padding=1)(x)), 0.2)
+    x = nn.leaky_relu(nn.GroupNorm(8)(nn.Conv(2 * self.width, (3, 3), padding=1)(x)), 0.2)
+    return nn.Conv(1, (3, 3), padding=1)(x)
+
+
+def adaptive_weight(rec_grads: Any, adv_grads: Any, adv_weight: float) -> jax.Array:
+  """taming-transformers' weight of the adversarial term: adv_weight x |grad rec| / |grad adv| at the
+  decoder's last layer (conv_out's kernel), clipped to [0, 1e4]."""
+  last = lambda g: g["decoder"]["conv_out"]["kernel"]
+  ratio = jnp.linalg.norm(last(rec_grads)) / (jnp.linalg.norm(last(adv_grads)) + 1e-4)
+  return jnp.clip(ratio, 0.0, 1e4) * adv_weight
+
+
+def adversarial_step(params: Any, opt_state: optax.OptState, disc_params: Any, disc_state: optax.OptState,
+                     x: jax.Array, rng: jax.Array, *, vae: models.AutoencoderKL, tx: optax.GradientTransformation,
+                     disc: Discriminator, disc_tx: optax.GradientTransformation, kl_weight: float,
+                     edge_weight: float, adv_weight: float) -> tuple[Any, optax.OptState, Any, optax.OptState, dict]:
+  """One step of the VAE (reconstruction + adaptively weighted generator loss -mean D(decoded)) and
+  one of the discriminator (hinge loss, real x against the decoded images)."""
+  (loss, (rec, kl, edge)), rec_grads = jax.value_and_grad(
+      functools.partial(loss_fn, vae=vae, kl_weight=kl_weight, edge_weight=edge_weight), has_aux=True)(params, x, rng)
+
+  def generator_loss(p):
+    y = _reconstruct(vae, p, x, rng)[0]  # the same sample as loss_fn's (same rng)
+    return -jnp.mean(disc.apply({"params": disc_params}, y)), y
+
+  (gen, y), adv_grads = jax.value_and_grad(generator_loss, has_aux=True)(params)
+  lam = adaptive_weight(rec_grads, adv_grads, adv_weight)
+  grads = jax.tree.map(lambda a, b: a + lam * b, rec_grads, adv_grads)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+
+  def disc_loss(d):
+    real, fake = disc.apply({"params": d}, x), disc.apply({"params": d}, jax.lax.stop_gradient(y))
+    return jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake))
+
+  dloss, dgrads = jax.value_and_grad(disc_loss)(disc_params)
+  dupdates, disc_state = disc_tx.update(dgrads, disc_state, disc_params)
+  return params, opt_state, optax.apply_updates(disc_params, dupdates), disc_state, {
+      "loss": loss + lam * gen, "reconstruction": rec, "kl": kl, "edge": edge, "generator": gen,
+      "adv_lambda": lam, "discriminator": dloss}
+
+
 ENCODER = ("encoder", "quant_conv")  # the parameters that make the latents
 
 
@@ -94,7 +155,9 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
   """Adam on a cosine schedule with global-norm clipping; the encoder is frozen (no update, no
   Adam state) when `config.train_encoder` is False."""
   schedule = optax.cosine_decay_schedule(config.lr, config.num_steps, alpha=0.05)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+  # With a discriminator: taming-transformers' Adam betas (0.5, 0.9), for generator and discriminator.
+  betas = (0.5, 0.9) if config.adv_weight > 0 else (0.9, 0.999)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule, b1=betas[0], b2=betas[1]))
   if config.train_encoder:
     return tx
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
