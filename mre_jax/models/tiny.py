@@ -100,7 +100,9 @@ def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
 # Trained parts shipped with the package, by name: VAEs (diffusers folders holding vae/), written by
 # the vae job, and text encoders (folders holding text_encoder/ and tokenizer/), written by the text job.
 ASSETS = Path(__file__).parent / "assets"
-VAES = {"synthetic_64px": ASSETS / "vae_synthetic_64px"}
+# synthetic_64px_sharp: synthetic_64px's decoder fine-tuned adversarially (configs/vae.py:adversarial);
+# the same encoder, so the same latents and caches, and sharper edges when decoded.
+VAES = {"synthetic_64px": ASSETS / "vae_synthetic_64px", "synthetic_64px_sharp": ASSETS / "vae_synthetic_64px_sharp"}
 TEXT_ENCODERS = {"synthetic_64px": ASSETS / "text_synthetic_64px"}
 
 
