@@ -25,6 +25,23 @@ def vae_run(tmp_path_factory, tfds_tiny):
   return config, workdir
 
 
+def _assert_same_encoder(before, after):
+  """The params that make the latents (encoder, quant_conv) are equal bit for bit."""
+  for part in vae_train.ENCODER:
+    for a, b in zip(jax.tree_util.tree_leaves(before[part]), jax.tree_util.tree_leaves(after[part])):
+      np.testing.assert_array_equal(a, b)
+
+
+def _fresh_test_scenes(seed, count=16, size=64):
+  """uint8 [count, size, size, 3]: newly sampled test-split scenes (never seen in training)."""
+  rng, scenes = np.random.default_rng(seed), []
+  while len(scenes) < count:
+    scene = synthetic.sample_scene(rng)
+    if synthetic.scene_split(scene) == "test":
+      scenes.append(synthetic.to_uint8(synthetic.render_float(scene, size)))
+  return np.stack(scenes)
+
+
 def test_vae_job_writes_a_loadable_vae_and_its_psnr(vae_run):
   config, workdir = vae_run
   report = json.loads((workdir / "vae_eval.json").read_text())
@@ -61,12 +78,7 @@ def test_shipped_vae_loads_and_reconstructs():
   vae, params = pretrained.load_vae(folder)
   assert pretrained.read_config(folder / "vae")["sample_size"] == 64
   # Fresh test-split scenes (never seen in training) come back through the decoder near the reported PSNR.
-  rng, scenes = np.random.default_rng(123), []
-  while len(scenes) < 16:
-    scene = synthetic.sample_scene(rng)
-    if synthetic.scene_split(scene) == "test":
-      scenes.append(synthetic.to_uint8(synthetic.render_float(scene, 64)))
-  images = np.stack(scenes)
+  images = _fresh_test_scenes(123)
   mean, _ = pretrained.vae_encode(vae, params, images / 127.5 - 1.0)
   assert mean.shape == (16, 16, 16, pretrained.read_config(folder / "vae")["latent_channels"])
   decoded = np.asarray(pretrained.vae_decode(vae, params, mean))
@@ -99,9 +111,7 @@ def test_decoder_only_finetune_keeps_the_latents(vae_run, tmp_path):
   vae_job.train_vae(config, str(tmp_path))
   _, before = pretrained.load_vae(first)
   _, after = pretrained.load_vae(tmp_path)
-  for part in ("encoder", "quant_conv"):
-    for a, b in zip(jax.tree_util.tree_leaves(before[part]), jax.tree_util.tree_leaves(after[part])):
-      np.testing.assert_array_equal(a, b)
+  _assert_same_encoder(before, after)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before["decoder"]),
                                                        jax.tree_util.tree_leaves(after["decoder"])))
   assert (pretrained.read_config(tmp_path / "vae")["scaling_factor"]
@@ -111,10 +121,7 @@ def test_decoder_only_finetune_keeps_the_latents(vae_run, tmp_path):
 
 
 def test_edge_term_is_the_l1_error_of_pixel_differences():
-  vae_cfg = vae_train.vae_config(vae_config.get_config("quick"))
-  vae = pretrained.make_vae(vae_cfg)
-  from mre_jax.io import weights
-  params = weights.init_like_torch(pretrained.vae_param_shapes(vae), 0)
+  vae, params = _quick_vae()
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3), minval=-1, maxval=1)
   rng = jax.random.PRNGKey(2)
   _, (_, _, edge) = vae_train.loss_fn(params, x, rng, vae=vae, kl_weight=0.0, edge_weight=1.0)
@@ -182,9 +189,7 @@ def test_adversarial_finetune_keeps_the_latents(vae_run, tmp_path):
   vae_job.train_vae(config, str(tmp_path))
   _, before = pretrained.load_vae(first)
   _, after = pretrained.load_vae(tmp_path)
-  for part in ("encoder", "quant_conv"):
-    for a, b in zip(jax.tree_util.tree_leaves(before[part]), jax.tree_util.tree_leaves(after[part])):
-      np.testing.assert_array_equal(a, b)
+  _assert_same_encoder(before, after)
   metrics = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert all(m["adv_lambda"] > 0 and np.isfinite(m["discriminator"]) for m in metrics)
 
@@ -201,15 +206,8 @@ def test_shipped_sharp_vae_has_the_same_latents_and_sharper_edges():
   decodes fresh test-split scenes with more of their one-pixel edge contrast (the judge's measure)."""
   _, plain = pretrained.load_vae(tiny.vae_folder("synthetic_64px"))
   vae, sharp = pretrained.load_vae(tiny.vae_folder("synthetic_64px_sharp"))
-  for part in ("encoder", "quant_conv"):
-    for a, b in zip(jax.tree_util.tree_leaves(plain[part]), jax.tree_util.tree_leaves(sharp[part])):
-      np.testing.assert_array_equal(a, b)
-  rng, scenes = np.random.default_rng(7), []
-  while len(scenes) < 16:
-    scene = synthetic.sample_scene(rng)
-    if synthetic.scene_split(scene) == "test":
-      scenes.append(synthetic.to_uint8(synthetic.render_float(scene, 64)))
-  images = np.stack(scenes)
+  _assert_same_encoder(plain, sharp)
+  images = _fresh_test_scenes(7)
   mean, _ = pretrained.vae_encode(vae, plain, images / 127.5 - 1.0)
 
   def sharpness(params):

@@ -102,17 +102,17 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, vae: models.Autoenc
   opt_state = tx.init(params)
   step_fn = jax.jit(functools.partial(vae_train.train_step, vae=vae, tx=tx, kl_weight=config.kl_weight,
                                       edge_weight=config.edge_weight), donate_argnums=(0, 1))
-  if config.adv_weight > 0:  # the discriminator's params and Adam state ride along in `disc`
+  if config.adv_weight > 0:  # step_fn keeps the discriminator's params and Adam state in `disc_state`
     disc, disc_tx = vae_train.Discriminator(), vae_train.optimizer(config)
     disc_params = disc.init(jax.random.PRNGKey(config.seed + 1),
                             jnp.zeros((1, config.crop_size, config.crop_size, 3)))["params"]
     adv_fn = jax.jit(functools.partial(vae_train.adversarial_step, vae=vae, tx=tx, disc=disc, disc_tx=disc_tx,
                                        kl_weight=config.kl_weight, edge_weight=config.edge_weight,
                                        adv_weight=config.adv_weight), donate_argnums=(0, 1, 2, 3))
-    state = [disc_params, disc_tx.init(disc_params)]
+    disc_state = [disc_params, disc_tx.init(disc_params)]
 
     def step_fn(params, opt_state, x, rng):
-      params, opt_state, state[0], state[1], metrics = adv_fn(params, opt_state, state[0], state[1], x, rng)
+      params, opt_state, disc_state[0], disc_state[1], metrics = adv_fn(params, opt_state, *disc_state, x, rng)
       return params, opt_state, metrics
   rng, key = np.random.default_rng(config.seed), jax.random.PRNGKey(config.seed)
   t0 = time.time()
