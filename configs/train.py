@@ -33,7 +33,9 @@ def get_config(arg: str | None = None):
   config.model.attention = "auto"  # auto | xla | cudnn (GPU) | splash (TPU) | cpu (C++, XLA:CPU)
   config.model.conv = "auto"  # auto | xla | winograd
   config.model.norm = "auto"  # GroupNorm: auto | xla | cpu
-  config.model.vae = "synthetic_64px"  # init=tiny: a shipped VAE (tiny.VAES), a diffusers folder, or "" (random)
+  # init=tiny: a shipped VAE (tiny.VAES), a diffusers folder, or "" (random). synthetic_64px_sharp is
+  # synthetic_64px with an adversarially fine-tuned decoder: the same encoder and latents, sharper edits.
+  config.model.vae = "synthetic_64px_sharp"
   # init=tiny: a shipped text encoder (tiny.TEXT_ENCODERS; written by the text job, configs/text.py:
   # CLIP-style pretraining on the synthetic world), a folder the text job wrote, or "" (random).
   # docs/experiments.md, "The random text encoder is what holds local edits back".

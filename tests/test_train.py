@@ -469,6 +469,39 @@ def test_latent_cache_holds_the_frozen_encoders_outputs_and_trains(tfds_dir, tmp
                                    str(tmp_path / "cached"))
   assert int(state.step) == 2
   assert all(np.isfinite(json.loads(l)["loss"]) for l in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines())
+  # the cache records what made it: other encoders (the tiny config's random ones follow the seed)
+  # or other data settings are refused before training, naming the difference
+  with pytest.raises(ValueError, match="another vae encoder"):
+    loop.train_and_evaluate(_config(tfds_dir, **{"data.latent_cache": cache, "num_steps": 2, "seed": 1}),
+                            str(tmp_path / "other_seed"))
+  with pytest.raises(ValueError, match=r"config.data.resize='square' \(the cache: 'short_side'\)"):
+    loop.train_and_evaluate(_config(tfds_dir, **{"data.latent_cache": cache, "num_steps": 2, "data.resize": "square"}),
+                            str(tmp_path / "other_resize"))
+  assert not (tmp_path / "other_seed" / "metrics.jsonl").exists()
+
+
+def test_latent_cache_source_ignores_the_decoder_and_old_caches_are_read_unchecked(tmp_path, capsys):
+  from mre_jax.data import latent_cache
+  from mre_jax.io import pretrained
+  from mre_jax.models import tiny
+  data = train_config.get_config().data
+  _, vae = pretrained.load_vae(tiny.vae_folder("synthetic_64px"))
+  text = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  source = latent_cache.describe_source(data, vae, text)
+  bump = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x) + np.float32(1e-3), tree)
+  # a new decoder (synthetic_64px_sharp's case) reads the same cache; a new encoder or text encoder does not
+  assert latent_cache.describe_source(data, {**vae, "decoder": bump(vae["decoder"])}, text) == source
+  assert latent_cache.describe_source(data, {**vae, "quant_conv": bump(vae["quant_conv"])}, text)["vae_encoder"] != source["vae_encoder"]
+  assert latent_cache.describe_source(data, vae, bump(text))["text_encoder"] != source["text_encoder"]
+  # the shipped sharp VAE shares synthetic_64px's encoder
+  _, sharp = pretrained.load_vae(tiny.vae_folder("synthetic_64px_sharp"))
+  assert latent_cache.describe_source(data, sharp, text) == source
+  latent_cache.write_shard(tmp_path, "part-0-of-1", {f: np.zeros((2, 1)) for f in latent_cache.FIELDS})
+  latent_cache.write_index(tmp_path, ["part-0-of-1"], source)
+  assert latent_cache.check_source(tmp_path, source)
+  latent_cache.write_index(tmp_path, ["part-0-of-1"])  # a cache from before the record
+  assert not latent_cache.check_source(tmp_path, source)
+  assert "used unchecked" in capsys.readouterr().out
 
 
 def test_stage1_from_sd15_style_folder_and_stage2_from_its_checkpoint(tfds_dir, tmp_path):

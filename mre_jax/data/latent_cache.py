@@ -13,6 +13,12 @@ per example (h = w = crop_size / 8, D = text width):
   reward_embeds               float32 [D]        CLIP pooled output of the joined reward text
   scores                      float32 [3]
 
+index.json also records what made the cache (`source`: the data's name, builder config, split,
+crop size and resize mode, and a SHA-256 of the VAE encoder's and of the text encoder's
+parameters); training from it checks that record against its own config and frozen encoders
+(`check_source`), so a cache is never silently reused for other data or other encoders. A VAE
+whose decoder alone differs (synthetic_64px_sharp) reads the same cache.
+
 Images are encoded without random crop or flip, and with one instruction wording per example
 (drawn with the seed); `prepare` flips latents and cond together, the usual approximation of an
 image flip in latent space. Training from a cache is therefore close to, not identical with,
@@ -21,10 +27,13 @@ training from images.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
+import jax
 import numpy as np
 
 from mre_jax.io import files
@@ -71,7 +80,56 @@ def write_shard(path: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
     files.write_atomic(path / f"{name}.{field}.npy", lambda f: np.save(f, array))
 
 
-def write_index(path: Path, shards: list[str]) -> None:
-  """Written last (by process 0): a cache without its index is never read."""
+def write_index(path: Path, shards: list[str], source: dict[str, Any] | None = None) -> None:
+  """Written last (by process 0): a cache without its index is never read. `source`: see
+  `describe_source`."""
   count = sum(len(np.load(path / f"{s}.scores.npy", mmap_mode="r")) for s in shards)
-  files.write_json(path / INDEX, {"count": count, "shards": shards})
+  files.write_json(path / INDEX, {"count": count, "shards": shards, "source": source})
+
+
+def params_digest(params: Any) -> str:
+  """SHA-256 of a parameter tree: every leaf's path, shape and float32 bytes, in path order."""
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: jax.tree_util.keystr(kv[0])):
+    a = np.ascontiguousarray(np.asarray(leaf, np.float32))
+    h.update(f"{jax.tree_util.keystr(path)}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+# The VAE's parameters that make the posterior (its decoder does not change the cache).
+_VAE_ENCODER = ("encoder", "quant_conv")
+
+
+def describe_source(data: Any, vae_params: dict, text_params: Any) -> dict[str, Any]:
+  """What a cache's rows depend on: `data` (config.data) fields and the frozen encoders' digests."""
+  missing = [k for k in _VAE_ENCODER if k not in vae_params]
+  if missing:
+    raise ValueError(f"latent cache: VAE params lack {missing} (have {sorted(vae_params)})")
+  return {"data": {k: data[k] for k in ("name", "builder_config", "split", "crop_size", "resize")},
+          "vae_encoder": params_digest({k: vae_params[k] for k in _VAE_ENCODER}),
+          "text_encoder": params_digest(text_params)}
+
+
+def check_source(path: str | os.PathLike, expected: dict[str, Any]) -> bool:
+  """Raises ValueError naming the first difference between the cache's recorded source and
+  `expected` (`describe_source` of this run). False, after a warning, for a cache that records
+  none (written before the record existed): it cannot be checked. True when it matches."""
+  index_file = Path(path) / INDEX
+  recorded = json.loads(index_file.read_text()).get("source")
+  if recorded is None:
+    print(f"warning: {index_file} does not record which data and encoders made it; it is used unchecked")
+    return False
+  for key in ("data", "vae_encoder", "text_encoder"):
+    want, have = expected[key], recorded.get(key)
+    if key == "data":
+      diff = [f"config.data.{k}={want[k]!r} (the cache: {(have or {}).get(k)!r})"
+              for k in want if (have or {}).get(k) != want[k]]
+      if diff:
+        raise ValueError(f"{index_file}: this latent cache was made from other data: {'; '.join(diff)}. "
+                         "Point config.data.latent_cache elsewhere (or 'auto' in a new workdir)")
+    elif have != want:
+      raise ValueError(f"{index_file}: this latent cache was made by another {key.replace('_', ' ')} "
+                       f"(SHA-256 {str(have)[:12]}..., this run's {want[:12]}...). Point "
+                       "config.data.latent_cache elsewhere (or 'auto' in a new workdir)")
+  return True

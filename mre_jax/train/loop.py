@@ -151,6 +151,9 @@ def _make_data(config: ml_collections.ConfigDict, workdir: Path, frozen: Frozen,
       raise FileNotFoundError(f"config.data.latent_cache={cache}: no latent cache there (make one with "
                               "--config.job=precompute, or set it to 'auto')")
     write_latent_cache(config, builder, frozen, jax.device_get(fparams), Path(cache))
+  elif cache:
+    host = jax.device_get(fparams)
+    latent_cache.check_source(cache, latent_cache.describe_source(config.data, host["vae"], host["text"]))
   data_iter, sample_batch = make_data_iterator(config, frozen, workdir, builder)
   return builder, data_iter, sample_batch
 

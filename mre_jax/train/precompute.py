@@ -72,7 +72,7 @@ def write_latent_cache(config: ml_collections.ConfigDict, builder: tfds.core.Dat
   latent_cache.write_shard(cache, shards[index], {f: np.concatenate(v) for f, v in rows.items()})
   sync("latent cache written")
   if index == 0:
-    latent_cache.write_index(cache, shards)
+    latent_cache.write_index(cache, shards, latent_cache.describe_source(config.data, fparams["vae"], fparams["text"]))
     print(f"wrote latent cache {cache}: {sum(len(v) for v in rows['scores'])} examples per process")
   sync("latent cache indexed")
   return cache
