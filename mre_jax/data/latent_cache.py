@@ -120,16 +120,15 @@ def check_source(path: str | os.PathLike, expected: dict[str, Any]) -> bool:
   if recorded is None:
     print(f"warning: {index_file} does not record which data and encoders made it; it is used unchecked")
     return False
-  for key in ("data", "vae_encoder", "text_encoder"):
-    want, have = expected[key], recorded.get(key)
-    if key == "data":
-      diff = [f"config.data.{k}={want[k]!r} (the cache: {(have or {}).get(k)!r})"
-              for k in want if (have or {}).get(k) != want[k]]
-      if diff:
-        raise ValueError(f"{index_file}: this latent cache was made from other data: {'; '.join(diff)}. "
-                         "Point config.data.latent_cache elsewhere (or 'auto' in a new workdir)")
-    elif have != want:
+  have_data = recorded.get("data") or {}
+  diff = [f"config.data.{k}={v!r} (the cache: {have_data.get(k)!r})"
+          for k, v in expected["data"].items() if have_data.get(k) != v]
+  if diff:
+    raise ValueError(f"{index_file}: this latent cache was made from other data: {'; '.join(diff)}. "
+                     "Point config.data.latent_cache elsewhere (or 'auto' in a new workdir)")
+  for key in ("vae_encoder", "text_encoder"):
+    if recorded.get(key) != expected[key]:
       raise ValueError(f"{index_file}: this latent cache was made by another {key.replace('_', ' ')} "
-                       f"(SHA-256 {str(have)[:12]}..., this run's {want[:12]}...). Point "
+                       f"(SHA-256 {str(recorded.get(key))[:12]}..., this run's {expected[key][:12]}...). Point "
                        "config.data.latent_cache elsewhere (or 'auto' in a new workdir)")
   return True
