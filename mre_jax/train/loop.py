@@ -146,14 +146,15 @@ def _make_data(config: ml_collections.ConfigDict, workdir: Path, frozen: Frozen,
   cache = cache_path(config, workdir)
   have_cache = bool(cache) and (Path(cache) / latent_cache.INDEX).exists()
   builder = build_data(config, workdir) if not have_cache or config.sample.every or config.eval.count else None
-  host = jax.device_get(fparams)
-  if cache and not have_cache:
-    if config.data.latent_cache != "auto":
-      raise FileNotFoundError(f"config.data.latent_cache={cache}: no latent cache there (make one with "
-                              "--config.job=precompute, or set it to 'auto')")
-    write_latent_cache(config, builder, frozen, host, Path(cache))
-  elif cache:
-    latent_cache.check_source(cache, latent_cache.describe_source(config.data, host["vae"], host["text"]))
+  if cache and not have_cache and config.data.latent_cache != "auto":
+    raise FileNotFoundError(f"config.data.latent_cache={cache}: no latent cache there (make one with "
+                            "--config.job=precompute, or set it to 'auto')")
+  if cache:  # the frozen params on the host, once: to write the cache, or to check whose it is
+    host = jax.device_get(fparams)
+    if have_cache:
+      latent_cache.check_source(cache, latent_cache.describe_source(config.data, host["vae"], host["text"]))
+    else:
+      write_latent_cache(config, builder, frozen, host, Path(cache))
   data_iter, sample_batch = make_data_iterator(config, frozen, workdir, builder)
   return builder, data_iter, sample_batch
 
