@@ -162,6 +162,25 @@ def _copy_run(reference, target, last_step):
   return target
 
 
+def _check_tensorboard(workdir, lines, grid):
+  """The event files, read by TensorFlow's reader (not by the writer's code): the scalars of
+  metrics.jsonl at their steps and the sample grid as a PNG."""
+  import tensorflow as tf
+  scalars, images = {}, []
+  for path in sorted((workdir / "tensorboard").iterdir()):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for v in event.summary.value:
+        if v.HasField("image"):
+          images.append((event.step, v.tag, tf.io.decode_png(v.image.encoded_image_string).numpy()))
+        elif v.HasField("simple_value"):
+          scalars[(event.step, v.tag)] = v.simple_value
+  expected = {(l["step"], k): v for l in lines for k, v in l.items() if k != "step"}
+  assert scalars.keys() == expected.keys()
+  np.testing.assert_allclose([scalars[k] for k in expected], list(expected.values()), rtol=1e-6)
+  assert [(step, tag) for step, tag, _ in images] == [(6, "samples")]
+  np.testing.assert_array_equal(images[0][2], grid)
+
+
 def test_train_writes_checkpoints_logs_and_learns(reference, tfds_dir):
   workdir, state = reference
   assert int(state.step) == 6 and checkpointing.is_checkpoint(workdir)
@@ -178,6 +197,7 @@ def test_train_writes_checkpoints_logs_and_learns(reference, tfds_dir):
   np.testing.assert_array_equal(grid[24:56, 64:96], first["edited"])
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [2, 4, 6] and all(np.isfinite(l["loss"]) for l in lines)
+  _check_tensorboard(workdir, lines, grid)
   _, params = checkpointing.restore_params(workdir, use_ema=False)
   _, ema = checkpointing.restore_params(workdir, use_ema=True)
   assert any(np.abs(a - b).max() > 0 for a, b in zip(_leaves(params), _leaves(ema)))

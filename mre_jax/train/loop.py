@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import PIL.Image
 from absl import logging
 from tqdm import tqdm
 
@@ -264,26 +266,33 @@ def _mean_metrics(interval: list[dict[str, np.ndarray]]) -> dict[str, float]:
 
 
 class _MetricWriter:
-  """TensorBoard event files (through tf.summary, outside the train step) and metrics.jsonl."""
+  """TensorBoard event files and metrics.jsonl. The events are written with TensorBoard's own
+  writer and protos (as torch.utils.tensorboard does), so training needs no TensorFlow: a GPU
+  machine with JAX alone trains from data built elsewhere."""
 
   def __init__(self, workdir: Path):
-    import tensorflow as tf  # on use: TensorFlow stays out of import time and the train step
-    self._tf = tf
-    self._writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer import event_file_writer
+    self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+    self._writer = event_file_writer.EventFileWriter(str(workdir / "tensorboard"))
     self._jsonl = open(workdir / "metrics.jsonl", "a")
 
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    with self._writer.as_default():
-      for name, value in scalars.items():
-        self._tf.summary.scalar(name, value, step=step)
+  def _add(self, step: int, values: list) -> None:
+    self._writer.add_event(self._event(wall_time=time.time(), step=step, summary=self._summary(value=values)))
     self._writer.flush()
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    self._add(step, [self._summary.Value(tag=name, simple_value=float(value)) for name, value in scalars.items()])
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self._jsonl.flush()
 
   def image(self, name: str, image: np.ndarray, step: int) -> None:
-    """image: uint8 [H, W, 3]."""
-    with self._writer.as_default():
-      self._tf.summary.image(name, image[None], step=step)
+    """image: uint8 [H, W, 3], stored PNG-encoded."""
+    buf = io.BytesIO()
+    PIL.Image.fromarray(image).save(buf, format="PNG")
+    encoded = self._summary.Image(height=image.shape[0], width=image.shape[1], colorspace=3,
+                                  encoded_image_string=buf.getvalue())
+    self._add(step, [self._summary.Value(tag=name, image=encoded)])
 
 
 def _metric_writer(workdir: Path) -> _MetricWriter:
