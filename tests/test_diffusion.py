@@ -332,3 +332,25 @@ def test_zero_terminal_snr_v_prediction_sampling_matches_diffusers(eps_table, st
 def test_ddim_with_zero_terminal_snr_is_refused_by_name():
   with pytest.raises(ValueError, match="ddim.*rescale_betas_zero_snr"):
     sampling.spec_from_scheduler_config(ZERO_SNR, "ddim", 10)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_diffusers(schedule, gamma, prediction_type):
+  """The weights of diffusers' training scripts (train_text_to_image.py, --snr_gamma): SNR from
+  diffusers.training_utils.compute_snr on the DDPM scheduler, min(SNR, gamma) divided by SNR
+  (epsilon) or SNR + 1 (v_prediction)."""
+  from diffusers.training_utils import compute_snr
+  t = np.arange(1000)
+  snr = compute_snr(schedulers.DDPMScheduler(**SD15, clip_sample=False), torch.from_numpy(t))
+  capped = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+  ref = capped / snr if prediction_type == "epsilon" else capped / (snr + 1)
+  out = diffusion.min_snr_weights(schedule, jnp.asarray(t), gamma, prediction_type)
+  assert out.shape == (1000,) and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4)
+  np.testing.assert_array_equal(diffusion.min_snr_weights(schedule, jnp.asarray(t), 0.0, prediction_type), 1.0)
+
+
+def test_min_snr_weights_name_an_unknown_prediction_type(schedule):
+  with pytest.raises(ValueError, match="prediction_type='sample'"):
+    diffusion.min_snr_weights(schedule, jnp.arange(3), 5.0, "sample")

@@ -227,6 +227,41 @@ def _fixed_batch_loss(workdir, tfds_dir, param_sets) -> list[float]:
   return [float(np.mean([loss_fn(params, batch, k) for k in keys])) for params in param_sets]
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_snr_gamma_weights_each_example_by_its_own_timestep(reference, tfds_dir, prediction_type):
+  """loss_fn with config.snr_gamma = 5 is the mean of the per-example losses times Min-SNR-5 weights
+  computed here from SD 1.5's schedule by hand; with 0 it is their plain mean."""
+  import dataclasses
+  from mre_jax import models
+  from mre_jax.data import input_pipeline, tokens
+  from mre_jax.infer import diffusion
+  workdir = reference[0]
+  spec = checkpointing.read_spec(workdir)
+  frozen, fparams = trainer.load_frozen(workdir, np.float32)
+  frozen = dataclasses.replace(frozen, scheduler_config={**frozen.scheduler_config, "prediction_type": prediction_type})
+  source = input_pipeline.data_source(input_pipeline.build_dataset("synthetic_edit", tfds_dir, config="tiny"), "train")
+  batch = input_pipeline.create_dataset(
+      source, global_batch_size=16, crop_size=32, tokenize_fn=tokens.tokenize_fn(frozen.tokenizer),
+      seed=0, flip=False, shuffle=False, process_index=0, process_count=1)[0]
+  batch = {k: batch[k] for k in trainer.BATCH_KEYS}
+  _, params = checkpointing.restore_params(workdir, use_ema=False)
+  kwargs = dict(unet=models.RewardUNet(spec.unet, reward=spec.reward), frozen=frozen, fparams=fparams,
+                schedule=diffusion.make_schedule())
+  key = jax.random.PRNGKey(3)
+  losses, t = trainer.per_example_loss(params, batch, key, config=_config(tfds_dir), **kwargs)
+  losses, t = np.asarray(losses, np.float64), np.asarray(t)
+  assert losses.shape == t.shape == (16,) and len(set(t.tolist())) > 8
+  alpha_bar = np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)[t]  # scaled_linear
+  snr = alpha_bar / (1 - alpha_bar)
+  weights = np.minimum(snr, 5.0) / (snr if prediction_type == "epsilon" else snr + 1)
+  expected = np.mean(losses * weights)
+  assert abs(expected - np.mean(losses) * np.mean(weights)) > 1e-3 * expected  # the per-example pairing matters
+  weighted = trainer.loss_fn(params, batch, key, config=_config(tfds_dir, snr_gamma=5.0), **kwargs)
+  np.testing.assert_allclose(float(weighted), expected, rtol=1e-4)
+  plain = trainer.loss_fn(params, batch, key, config=_config(tfds_dir), **kwargs)
+  np.testing.assert_allclose(float(plain), np.mean(losses), rtol=1e-5)
+
+
 def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_parameters(reference, tfds_dir, tmp_path, capsys):
   workdir = _copy_run(reference[0], tmp_path / "run", last_step=4)
   # what a run stopped after its step-4 save has logged
@@ -571,6 +606,7 @@ def test_labelled_grid_upscales_tiles_by_nearest_neighbour():
     ({"optim.lr": -1.0}, "config.optim.lr=-1.0"),
     ({"batch_size": 6, "grad_accum_steps": 4}, "config.batch_size=6 is not divisible"),
     ({"stage": 3}, "config.stage=3"),
+    ({"snr_gamma": -5.0}, r"config.snr_gamma=-5.0: must be >= 0"),
     ({"model.dtype": "float16"}, "config.model.dtype='float16': expected one of float32, bfloat16"),
     ({"model.init": "pretrained", "model.pretrained": "/no/such/folder"}, "config.model.pretrained='/no/such/folder'"),
 ])

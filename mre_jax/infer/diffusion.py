@@ -112,6 +112,21 @@ def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int = 1000
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+def min_snr_weights(schedule: Schedule, t: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
+  """Min-SNR-gamma loss weights (Hang et al. 2023; diffusers' `--snr_gamma`), float32 [B]: min(SNR_t,
+  gamma) / SNR_t for an epsilon target, min(SNR_t, gamma) / (SNR_t + 1) for a velocity target, where
+  SNR_t = alpha_bar_t / (1 - alpha_bar_t). Each caps the weight of the low-noise steps, whose
+  target is easy, at gamma; with gamma = 0 the weights are 1 (the plain MSE)."""
+  if gamma <= 0:
+    return jnp.ones(t.shape, jnp.float32)
+  if prediction_type not in PREDICTION_TYPES:
+    raise ValueError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
+  a = schedule.alphas_cumprod[t]
+  snr = a / (1.0 - a)
+  capped = jnp.minimum(snr, gamma)
+  return capped / snr if prediction_type == "epsilon" else capped / (snr + 1.0)
+
+
 def velocity(schedule: Schedule, latents: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
   """The v-prediction target sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) latents (diffusers'
   `get_velocity`), float32, same shape as `latents`."""

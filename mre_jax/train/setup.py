@@ -52,6 +52,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"config.noise_offset={config.noise_offset}: must be >= 0")
   if not 0 <= config.noise_pyramid < 1:
     raise ConfigError(f"config.noise_pyramid={config.noise_pyramid}: must be in [0, 1)")
+  if config.snr_gamma < 0:
+    raise ConfigError(f"config.snr_gamma={config.snr_gamma}: must be >= 0 (0: plain MSE)")
   if not 0 <= config.cond_dropout < 1 / 3:
     raise ConfigError(f"config.cond_dropout={config.cond_dropout}: must be in [0, 1/3)")
 

@@ -134,10 +134,16 @@ def _encode(frozen: Frozen, fparams, batch, rng):
   return jax.tree_util.tree_map(lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)), out)
 
 
-def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, unet: models.RewardUNet, frozen: Frozen,
-            fparams: dict[str, Any], schedule: diffusion.Schedule, config: ml_collections.ConfigDict) -> jax.Array:
-  """MSE between the U-Net's output and its target for one microbatch (SPEC section 3): the noise, or
-  the velocity when the model's scheduler config says prediction_type v_prediction."""
+def prediction_type(frozen: Frozen) -> str:
+  return frozen.scheduler_config.get("prediction_type", "epsilon")
+
+
+def per_example_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, unet: models.RewardUNet,
+                     frozen: Frozen, fparams: dict[str, Any], schedule: diffusion.Schedule,
+                     config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """(MSE per example [B], its timestep [B]) between the U-Net's output and its target for one
+  microbatch (SPEC section 3): the noise, or the velocity when the model's scheduler config says
+  prediction_type v_prediction."""
   k_lat, k_noise, k_t, k_drop, k_dropout = jax.random.split(rng, 5)
   latents, cond, context, reward_embeds, empty = _encode(frozen, fparams, batch, k_lat)
   b = latents.shape[0]
@@ -150,11 +156,19 @@ def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, unet: m
   cond = jnp.where(((r >= p) & (r < 3 * p))[..., None], 0.0, cond)
   eps = unet.apply({"params": params}, jnp.concatenate([noisy, cond], -1), t, context, batch["scores"],
                    reward_embeds, train=True, rngs={"dropout": k_dropout})
-  if frozen.scheduler_config.get("prediction_type", "epsilon") == "v_prediction":
+  if prediction_type(frozen) == "v_prediction":
     target = diffusion.velocity(schedule, latents, noise, t)
   else:
     target = noise
-  return jnp.mean((eps.astype(jnp.float32) - target) ** 2)
+  return jnp.mean((eps.astype(jnp.float32) - target) ** 2, axis=tuple(range(1, target.ndim))), t
+
+
+def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, frozen: Frozen,
+            schedule: diffusion.Schedule, config: ml_collections.ConfigDict, **kwargs: Any) -> jax.Array:
+  """The training loss of one microbatch: `per_example_loss`'s mean, each example weighted by
+  Min-SNR-gamma (`config.snr_gamma` > 0) or not (0)."""
+  losses, t = per_example_loss(params, batch, rng, frozen=frozen, schedule=schedule, config=config, **kwargs)
+  return jnp.mean(losses * diffusion.min_snr_weights(schedule, t, config.snr_gamma, prediction_type(frozen)))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], fparams: dict[str, Any], rng: jax.Array, *,
