@@ -206,23 +206,31 @@ def test_train_writes_checkpoints_logs_and_learns(reference, tfds_dir):
   assert trained < 0.95 * initial, (initial, trained)
 
 
-def _fixed_batch_loss(workdir, tfds_dir, param_sets) -> list[float]:
-  """The training loss of each U-Net params tree on the first 16 training examples, with the
-  same noise, timesteps and dropout for all (the mean over 4 draws)."""
+def _fixed_batch(workdir, tfds_dir, prediction_type=None):
+  """(U-Net, frozen parts (with `prediction_type` in their scheduler config, if given), their params,
+  the first 16 training examples) of a run."""
+  import dataclasses
   from mre_jax import models
   from mre_jax.data import input_pipeline, tokens
-  from mre_jax.infer import diffusion
-  config = _config(tfds_dir)
   spec = checkpointing.read_spec(workdir)
   frozen, fparams = trainer.load_frozen(workdir, np.float32)
+  if prediction_type:
+    frozen = dataclasses.replace(frozen, scheduler_config={**frozen.scheduler_config, "prediction_type": prediction_type})
   source = input_pipeline.data_source(input_pipeline.build_dataset("synthetic_edit", tfds_dir, config="tiny"), "train")
   batch = input_pipeline.create_dataset(
       source, global_batch_size=16, crop_size=32, tokenize_fn=tokens.tokenize_fn(frozen.tokenizer),
       seed=0, flip=False, shuffle=False, process_index=0, process_count=1)[0]
-  batch = {k: batch[k] for k in trainer.BATCH_KEYS}
-  loss_fn = jax.jit(functools.partial(trainer.loss_fn, unet=models.RewardUNet(spec.unet, reward=spec.reward),
-                                      frozen=frozen, fparams=fparams, schedule=diffusion.make_schedule(),
-                                      config=config))
+  return (models.RewardUNet(spec.unet, reward=spec.reward), frozen, fparams,
+          {k: batch[k] for k in trainer.BATCH_KEYS})
+
+
+def _fixed_batch_loss(workdir, tfds_dir, param_sets) -> list[float]:
+  """The training loss of each U-Net params tree on the first 16 training examples, with the
+  same noise, timesteps and dropout for all (the mean over 4 draws)."""
+  from mre_jax.infer import diffusion
+  unet, frozen, fparams, batch = _fixed_batch(workdir, tfds_dir)
+  loss_fn = jax.jit(functools.partial(trainer.loss_fn, unet=unet, frozen=frozen, fparams=fparams,
+                                      schedule=diffusion.make_schedule(), config=_config(tfds_dir)))
   keys = jax.random.split(jax.random.PRNGKey(1), 4)
   return [float(np.mean([loss_fn(params, batch, k) for k in keys])) for params in param_sets]
 
@@ -231,22 +239,11 @@ def _fixed_batch_loss(workdir, tfds_dir, param_sets) -> list[float]:
 def test_snr_gamma_weights_each_example_by_its_own_timestep(reference, tfds_dir, prediction_type):
   """loss_fn with config.snr_gamma = 5 is the mean of the per-example losses times Min-SNR-5 weights
   computed here from SD 1.5's schedule by hand; with 0 it is their plain mean."""
-  import dataclasses
-  from mre_jax import models
-  from mre_jax.data import input_pipeline, tokens
   from mre_jax.infer import diffusion
   workdir = reference[0]
-  spec = checkpointing.read_spec(workdir)
-  frozen, fparams = trainer.load_frozen(workdir, np.float32)
-  frozen = dataclasses.replace(frozen, scheduler_config={**frozen.scheduler_config, "prediction_type": prediction_type})
-  source = input_pipeline.data_source(input_pipeline.build_dataset("synthetic_edit", tfds_dir, config="tiny"), "train")
-  batch = input_pipeline.create_dataset(
-      source, global_batch_size=16, crop_size=32, tokenize_fn=tokens.tokenize_fn(frozen.tokenizer),
-      seed=0, flip=False, shuffle=False, process_index=0, process_count=1)[0]
-  batch = {k: batch[k] for k in trainer.BATCH_KEYS}
+  unet, frozen, fparams, batch = _fixed_batch(workdir, tfds_dir, prediction_type)
   _, params = checkpointing.restore_params(workdir, use_ema=False)
-  kwargs = dict(unet=models.RewardUNet(spec.unet, reward=spec.reward), frozen=frozen, fparams=fparams,
-                schedule=diffusion.make_schedule())
+  kwargs = dict(unet=unet, frozen=frozen, fparams=fparams, schedule=diffusion.make_schedule())
   key = jax.random.PRNGKey(3)
   losses, t = trainer.per_example_loss(params, batch, key, config=_config(tfds_dir), **kwargs)
   losses, t = np.asarray(losses, np.float64), np.asarray(t)
