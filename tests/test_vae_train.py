@@ -3,6 +3,7 @@ import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -178,6 +179,42 @@ def test_discriminator_learns_to_tell_decoded_from_real():
   adv, *_ = step(params, tx.init(params), d_params, d_tx.init(d_params), x, rng)
   assert not np.allclose(np.asarray(plain["decoder"]["conv_out"]["kernel"]),
                          np.asarray(adv["decoder"]["conv_out"]["kernel"]))
+
+
+def test_adversarial_step_is_the_weighted_sum_of_both_gradients():
+  """The step (one forward, two pullbacks) against the update written out here from two separate
+  gradients: the reconstruction loss's and the generator term's -mean D(decoded), combined with the
+  adaptive weight lambda = 0.5 |grad rec| / |grad gen| at conv_out, then one Adam step."""
+  vae, params = _quick_vae()
+  config = vae_config.get_config("quick")
+  config.adv_weight = 0.5
+  tx, disc, d_tx = vae_train.optimizer(config), vae_train.Discriminator(), optax.adam(1e-3)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3), minval=-1, maxval=1)
+  rng = jax.random.PRNGKey(2)
+  d_params = disc.init(jax.random.PRNGKey(3), x)["params"]
+
+  def rec_loss(p):
+    mean, logvar = pretrained.vae_encode(vae, p, x)
+    y = pretrained.vae_decode(vae, p, mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape))
+    kl = 0.5 * jnp.mean(jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
+    return jnp.mean(jnp.abs(y - x)) + jnp.mean((y - x) ** 2) + 1e-6 * kl, y
+
+  def gen_loss(p):
+    return -jnp.mean(disc.apply({"params": d_params}, rec_loss(p)[1]))
+
+  g_rec, g_gen = jax.grad(lambda p: rec_loss(p)[0])(params), jax.grad(gen_loss)(params)
+  last = lambda g: np.asarray(g["decoder"]["conv_out"]["kernel"])
+  lam = 0.5 * np.linalg.norm(last(g_rec)) / (np.linalg.norm(last(g_gen)) + 1e-4)
+  grads = jax.tree.map(lambda a, b: a + lam * b, g_rec, g_gen)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  want = optax.apply_updates(params, updates)
+
+  got, _, _, _, metrics = vae_train.adversarial_step(params, tx.init(params), d_params, d_tx.init(d_params), x, rng,
+                                                     vae=vae, tx=tx, disc=disc, disc_tx=d_tx, kl_weight=1e-6,
+                                                     edge_weight=0.0, adv_weight=0.5)
+  np.testing.assert_allclose(float(metrics["adv_lambda"]), lam, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_adversarial_finetune_keeps_the_latents(vae_run, tmp_path):

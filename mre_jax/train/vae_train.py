@@ -77,14 +77,19 @@ def _reconstruct(vae, params, x, rng):
   return pretrained.vae_decode(vae, params, z), mean, logvar
 
 
-def loss_fn(params: Any, x: jax.Array, rng: jax.Array, *, vae: models.AutoencoderKL, kl_weight: float,
-            edge_weight: float = 0.0) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-  """(loss, (reconstruction error, KL per latent pixel, edge error)) for images x [B, H, W, 3] in [-1, 1]."""
-  y, mean, logvar = _reconstruct(vae, params, x, rng)
+def _loss_terms(x, y, mean, logvar, kl_weight, edge_weight):
+  """(loss, (reconstruction error, KL per latent pixel, edge error)) of decoded y for images x."""
   rec = jnp.mean(jnp.abs(y - x)) + jnp.mean((y - x) ** 2)
   kl = 0.5 * jnp.mean(jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
   edge = sum(jnp.mean(jnp.abs(jnp.diff(y, axis=a) - jnp.diff(x, axis=a))) for a in (1, 2))
   return rec + kl_weight * kl + edge_weight * edge, (rec, kl, edge)
+
+
+def loss_fn(params: Any, x: jax.Array, rng: jax.Array, *, vae: models.AutoencoderKL, kl_weight: float,
+            edge_weight: float = 0.0) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+  """(loss, (reconstruction error, KL per latent pixel, edge error)) for images x [B, H, W, 3] in [-1, 1]."""
+  y, mean, logvar = _reconstruct(vae, params, x, rng)
+  return _loss_terms(x, y, mean, logvar, kl_weight, edge_weight)
 
 
 def train_step(params: Any, opt_state: optax.OptState, x: jax.Array, rng: jax.Array, *, vae: models.AutoencoderKL,
@@ -124,14 +129,14 @@ def adversarial_step(params: Any, opt_state: optax.OptState, disc_params: Any, d
                      edge_weight: float, adv_weight: float) -> tuple[Any, optax.OptState, Any, optax.OptState, dict]:
   """One step of the VAE (reconstruction + adaptively weighted generator loss -mean D(decoded)) and
   one of the discriminator (hinge loss, real x against the decoded images)."""
-  (loss, (rec, kl, edge)), rec_grads = jax.value_and_grad(
-      functools.partial(loss_fn, vae=vae, kl_weight=kl_weight, edge_weight=edge_weight), has_aux=True)(params, x, rng)
+  def losses(p):  # one forward for both terms; their gradients are two pullbacks of it
+    y, mean, logvar = _reconstruct(vae, p, x, rng)
+    loss, aux = _loss_terms(x, y, mean, logvar, kl_weight, edge_weight)
+    return (loss, -jnp.mean(disc.apply({"params": disc_params}, y))), (aux, y)
 
-  def generator_loss(p):
-    y = _reconstruct(vae, p, x, rng)[0]  # the same sample as loss_fn's (same rng)
-    return -jnp.mean(disc.apply({"params": disc_params}, y)), y
-
-  (gen, y), adv_grads = jax.value_and_grad(generator_loss, has_aux=True)(params)
+  (loss, gen), pullback, ((rec, kl, edge), y) = jax.vjp(losses, params, has_aux=True)
+  one, zero = jnp.ones_like(loss), jnp.zeros_like(loss)
+  (rec_grads,), (adv_grads,) = pullback((one, zero)), pullback((zero, one))
   lam = adaptive_weight(rec_grads, adv_grads, adv_weight)
   grads = jax.tree.map(lambda a, b: a + lam * b, rec_grads, adv_grads)
   updates, opt_state = tx.update(grads, opt_state, params)
