@@ -20,7 +20,8 @@ def get_config(arg: str | None = None):
   config.cond_dropout = 0.05  # p: instruction dropped when r < 2p, image when p <= r < 3p
   config.noise_offset = 0.0  # per-(example, channel) noise added to the training noise (diffusers' noise_offset)
   config.noise_pyramid = 0.0  # d > 0: multi-resolution training noise, level i weighted d^i (diffusion.training_noise)
-  # gamma > 0: Min-SNR-gamma loss weights (Hang et al. 2023; diffusers' --snr_gamma, 5.0 recommended); 0: plain MSE
+  # gamma > 0: Min-SNR-gamma loss weights (Hang et al. 2023; diffusers' --snr_gamma, which suggests 5.0); 0: plain MSE.
+  # On the demo (v-prediction) 5.0 lowered following from 0.97 to 0.66 (docs/experiments.md, "What holds quality back")
   config.snr_gamma = 0.0
   config.log_every = 50  # steps between TensorBoard scalars / progress updates (step metrics: means over those steps)
 
