@@ -38,6 +38,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       SyntheticEditConfig(name="64px", description="64 px images, 2000 train / 200 test."),
       SyntheticEditConfig(name="64px_10k", num_train=10000, num_test=280,
                           description="64 px images, 10000 train / 280 test: the embedded demo's long run's data."),
+      SyntheticEditConfig(name="64px_50k", num_train=50000, num_test=280,
+                          description="64 px images, 50000 train / 280 test: 64px_10k's examples and 40000 more."),
       SyntheticEditConfig(name="64px_clean", clean_prob=1.0,
                           description="64 px images, 2000 train / 200 test, every target the exact edit."),
       SyntheticEditConfig(name="48px", image_size=48, description="48 px images."),
