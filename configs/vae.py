@@ -25,6 +25,9 @@ def get_config(arg: str | None = None):
   config.eval_every = 1000  # steps between test evaluations (each writes W/vae and W/vae_eval.json)
   config.init = ""  # start from a trained VAE (a shipped name, tiny.VAES, or a diffusers folder); "": random
   config.train_encoder = True  # False (needs init): train the decoder only, the latents stay as they were
+  # > 0: the scale-equivariance term (vae_train.scale_error; Skorokhodov et al. 2025): latents with an
+  # image's spectrum, easier for the U-Net to sample; needs train_encoder
+  config.scale_weight = 0.0
   config.edge_weight = 0.0  # weight of the L1 error of 1-pixel differences (sharper edges)
   # > 0: a PatchGAN discriminator and SD's adversarial term, adaptively weighted (SD: 0.5); 0: none
   config.adv_weight = 0.0

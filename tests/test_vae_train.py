@@ -125,13 +125,44 @@ def test_edge_term_is_the_l1_error_of_pixel_differences():
   vae, params = _quick_vae()
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3), minval=-1, maxval=1)
   rng = jax.random.PRNGKey(2)
-  _, (_, _, edge) = vae_train.loss_fn(params, x, rng, vae=vae, kl_weight=0.0, edge_weight=1.0)
+  _, (_, _, edge, _) = vae_train.loss_fn(params, x, rng, vae=vae, kl_weight=0.0, edge_weight=1.0)
   mean, logvar = pretrained.vae_encode(vae, params, x)
   y = np.asarray(pretrained.vae_decode(vae, params, mean + np.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)))
   x = np.asarray(x)
   want = (np.abs((y[:, 1:] - y[:, :-1]) - (x[:, 1:] - x[:, :-1])).mean()
           + np.abs((y[:, :, 1:] - y[:, :, :-1]) - (x[:, :, 1:] - x[:, :, :-1])).mean())
   np.testing.assert_allclose(float(edge), want, rtol=1e-4)
+
+
+def test_scale_term_decodes_the_half_size_latents_against_the_half_size_images():
+  """Scale equivariance: the decoded 2x2-averaged latent means against the 2x2-averaged images (L1 + L2),
+  added to the loss with its weight."""
+  vae, params = _quick_vae()
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  rng = jax.random.PRNGKey(2)
+  plain, _ = vae_train.loss_fn(params, x, rng, vae=vae, kl_weight=0.0)
+  loss, (_, _, _, scale) = vae_train.loss_fn(params, x, rng, vae=vae, kl_weight=0.0, scale_weight=0.5)
+  mean = np.asarray(pretrained.vae_encode(vae, params, x)[0])
+  xs = np.asarray(x)
+  # average pooling written out: the mean of the four phases of each 2x2 block
+  pool = lambda a: (a[:, 0::2, 0::2] + a[:, 1::2, 0::2] + a[:, 0::2, 1::2] + a[:, 1::2, 1::2]) / 4
+  y = np.asarray(pretrained.vae_decode(vae, params, pool(mean)))
+  assert y.shape == (2, 16, 16, 3)
+  want = np.abs(y - pool(xs)).mean() + ((y - pool(xs)) ** 2).mean()
+  np.testing.assert_allclose(float(scale), want, rtol=1e-4)
+  np.testing.assert_allclose(float(loss), float(plain) + 0.5 * want, rtol=1e-5)
+
+
+def test_scale_term_is_logged_and_shapes_only_a_trained_encoder(vae_run, tmp_path):
+  config = vae_config.get_config("quick")
+  config.data.data_dir = vae_run[0].data.data_dir
+  config.scale_weight = 1.0
+  vae_job.train_vae(config, str(tmp_path / "on"))
+  metrics = [json.loads(l) for l in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+  assert metrics and all(m["scale"] > 0 for m in metrics)
+  config.init, config.train_encoder = str(vae_run[1]), False
+  with pytest.raises(ConfigError, match="scale_weight=1.0 shapes the latents"):
+    vae_job.train_vae(config, str(tmp_path / "frozen"))
 
 
 def test_decoder_only_needs_an_init(tmp_path):

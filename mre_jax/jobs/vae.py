@@ -47,6 +47,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       f"at most config.image_size={config.image_size}")
   if not config.init and not config.train_encoder:
     raise ConfigError("config.train_encoder=False needs config.init (a trained VAE whose encoder to keep)")
+  if config.scale_weight < 0:
+    raise ConfigError(f"config.scale_weight={config.scale_weight}: must be >= 0 (0: no scale-equivariance term)")
+  if config.scale_weight > 0 and (not config.train_encoder or config.crop_size % (2 * factor)):
+    raise ConfigError(f"config.scale_weight={config.scale_weight} shapes the latents: it needs config.train_encoder=True "
+                      f"and config.crop_size (={config.crop_size}) a multiple of twice the VAE's factor {factor}")
   if config.adv_weight < 0:
     raise ConfigError(f"config.adv_weight={config.adv_weight}: must be >= 0 (0: no discriminator)")
   if config.num_steps < 1 or config.batch_size < 1:
@@ -101,14 +106,16 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, vae: models.Autoenc
   tx = vae_train.optimizer(config)
   opt_state = tx.init(params)
   step_fn = jax.jit(functools.partial(vae_train.train_step, vae=vae, tx=tx, kl_weight=config.kl_weight,
-                                      edge_weight=config.edge_weight), donate_argnums=(0, 1))
+                                      edge_weight=config.edge_weight, scale_weight=config.scale_weight),
+                    donate_argnums=(0, 1))
   if config.adv_weight > 0:  # step_fn keeps the discriminator's params and Adam state in `disc_state`
     disc, disc_tx = vae_train.Discriminator(), vae_train.optimizer(config)
     disc_params = disc.init(jax.random.PRNGKey(config.seed + 1),
                             jnp.zeros((1, config.crop_size, config.crop_size, 3)))["params"]
     adv_fn = jax.jit(functools.partial(vae_train.adversarial_step, vae=vae, tx=tx, disc=disc, disc_tx=disc_tx,
                                        kl_weight=config.kl_weight, edge_weight=config.edge_weight,
-                                       adv_weight=config.adv_weight), donate_argnums=(0, 1, 2, 3))
+                                       adv_weight=config.adv_weight, scale_weight=config.scale_weight),
+                     donate_argnums=(0, 1, 2, 3))
     disc_state = [disc_params, disc_tx.init(disc_params)]
 
     def step_fn(params, opt_state, x, rng):

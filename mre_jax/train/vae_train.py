@@ -85,21 +85,46 @@ def _loss_terms(x, y, mean, logvar, kl_weight, edge_weight):
   return rec + kl_weight * kl + edge_weight * edge, (rec, kl, edge)
 
 
-def loss_fn(params: Any, x: jax.Array, rng: jax.Array, *, vae: models.AutoencoderKL, kl_weight: float,
-            edge_weight: float = 0.0) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-  """(loss, (reconstruction error, KL per latent pixel, edge error)) for images x [B, H, W, 3] in [-1, 1]."""
+def _half(x):
+  """2x2 average pooling of [B, H, W, C] (H, W even)."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def scale_error(vae: models.AutoencoderKL, params: Any, x: jax.Array, mean: jax.Array) -> jax.Array:
+  """Scale equivariance (Skorokhodov et al. 2025, "Improving the Diffusability of Autoencoders"):
+  L1 + L2 error of the decoded 2x-downsampled latent means against the 2x-downsampled images.
+  It trains the encoder to keep the latents' high frequencies low, as an image's are, so that a
+  diffusion model's coarse-to-fine sampling suits them."""
+  y = pretrained.vae_decode(vae, params, _half(mean))
+  return jnp.mean(jnp.abs(y - _half(x))) + jnp.mean((y - _half(x)) ** 2)
+
+
+def _objective(vae, params, x, rng, kl_weight, edge_weight, scale_weight):
+  """(loss, (reconstruction, KL, edge, scale errors), decoded images)."""
   y, mean, logvar = _reconstruct(vae, params, x, rng)
-  return _loss_terms(x, y, mean, logvar, kl_weight, edge_weight)
+  loss, (rec, kl, edge) = _loss_terms(x, y, mean, logvar, kl_weight, edge_weight)
+  scale = scale_error(vae, params, x, mean) if scale_weight > 0 else jnp.zeros(())
+  return loss + scale_weight * scale, (rec, kl, edge, scale), y
+
+
+def loss_fn(params: Any, x: jax.Array, rng: jax.Array, *, vae: models.AutoencoderKL, kl_weight: float,
+            edge_weight: float = 0.0, scale_weight: float = 0.0
+            ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
+  """(loss, (reconstruction, KL per latent pixel, edge, scale errors)) for images x [B, H, W, 3] in [-1, 1]."""
+  loss, aux, _ = _objective(vae, params, x, rng, kl_weight, edge_weight, scale_weight)
+  return loss, aux
 
 
 def train_step(params: Any, opt_state: optax.OptState, x: jax.Array, rng: jax.Array, *, vae: models.AutoencoderKL,
-               tx: optax.GradientTransformation, kl_weight: float, edge_weight: float = 0.0
+               tx: optax.GradientTransformation, kl_weight: float, edge_weight: float = 0.0, scale_weight: float = 0.0
                ) -> tuple[Any, optax.OptState, dict[str, jax.Array]]:
-  (loss, (rec, kl, edge)), grads = jax.value_and_grad(
-      functools.partial(loss_fn, vae=vae, kl_weight=kl_weight, edge_weight=edge_weight), has_aux=True)(params, x, rng)
+  (loss, (rec, kl, edge, scale)), grads = jax.value_and_grad(
+      functools.partial(loss_fn, vae=vae, kl_weight=kl_weight, edge_weight=edge_weight, scale_weight=scale_weight),
+      has_aux=True)(params, x, rng)
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, {"loss": loss, "reconstruction": rec, "kl": kl,
-                                                           "edge": edge}
+                                                           "edge": edge, "scale": scale}
 
 
 class Discriminator(nn.Module):
@@ -126,15 +151,15 @@ def adaptive_weight(rec_grads: Any, adv_grads: Any, adv_weight: float) -> jax.Ar
 def adversarial_step(params: Any, opt_state: optax.OptState, disc_params: Any, disc_state: optax.OptState,
                      x: jax.Array, rng: jax.Array, *, vae: models.AutoencoderKL, tx: optax.GradientTransformation,
                      disc: Discriminator, disc_tx: optax.GradientTransformation, kl_weight: float,
-                     edge_weight: float, adv_weight: float) -> tuple[Any, optax.OptState, Any, optax.OptState, dict]:
+                     edge_weight: float, adv_weight: float, scale_weight: float = 0.0
+                     ) -> tuple[Any, optax.OptState, Any, optax.OptState, dict]:
   """One step of the VAE (reconstruction + adaptively weighted generator loss -mean D(decoded)) and
   one of the discriminator (hinge loss, real x against the decoded images)."""
   def losses(p):  # one forward for both terms; their gradients are two pullbacks of it
-    y, mean, logvar = _reconstruct(vae, p, x, rng)
-    loss, aux = _loss_terms(x, y, mean, logvar, kl_weight, edge_weight)
+    loss, aux, y = _objective(vae, p, x, rng, kl_weight, edge_weight, scale_weight)
     return (loss, -jnp.mean(disc.apply({"params": disc_params}, y))), (aux, y)
 
-  (loss, gen), pullback, ((rec, kl, edge), y) = jax.vjp(losses, params, has_aux=True)
+  (loss, gen), pullback, ((rec, kl, edge, scale), y) = jax.vjp(losses, params, has_aux=True)
   one, zero = jnp.ones_like(loss), jnp.zeros_like(loss)
   (rec_grads,), (adv_grads,) = pullback((one, zero)), pullback((zero, one))
   lam = adaptive_weight(rec_grads, adv_grads, adv_weight)
@@ -149,7 +174,7 @@ def adversarial_step(params: Any, opt_state: optax.OptState, disc_params: Any, d
   dloss, dgrads = jax.value_and_grad(disc_loss)(disc_params)
   dupdates, disc_state = disc_tx.update(dgrads, disc_state, disc_params)
   return params, opt_state, optax.apply_updates(disc_params, dupdates), disc_state, {
-      "loss": loss + lam * gen, "reconstruction": rec, "kl": kl, "edge": edge, "generator": gen,
+      "loss": loss + lam * gen, "reconstruction": rec, "kl": kl, "edge": edge, "scale": scale, "generator": gen,
       "adv_lambda": lam, "discriminator": dloss}
 
 
