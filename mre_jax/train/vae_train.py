@@ -8,8 +8,9 @@ and writes it in the diffusers AutoencoderKL format.
 Loss: L1 + L2 reconstruction of the decoded posterior sample, plus `kl_weight` times the KL
 to a unit Gaussian (as SD's VAE, without the perceptual and adversarial terms), plus
 `edge_weight` times the L1 error of the 1-pixel differences (an edge term: L1/L2 alone settle
-for soft edges where the latent is ambiguous). `adv_weight` > 0 adds SD's adversarial term: a small
-PatchGAN `Discriminator` (hinge loss) and the decoder's generator loss, weighted adaptively as in
+for soft edges where the latent is ambiguous), plus `scale_weight` times `scale_error` (scale
+equivariance: latents whose spectrum is an image's). `adv_weight` > 0 adds SD's adversarial
+term: a small PatchGAN `Discriminator` (hinge loss) and the decoder's generator loss, weighted adaptively as in
 taming-transformers (adv_weight x the ratio of the reconstruction's to the adversarial term's
 gradient norm at the decoder's last layer). L1/L2 and the edge term leave the decoder's edges soft;
 the adversarial term sharpens them (docs/experiments.md, "A sharper decoder"). `init` starts from a trained VAE (a shipped
