@@ -10,8 +10,8 @@ to a unit Gaussian (as SD's VAE, without the perceptual and adversarial terms), 
 `edge_weight` times the L1 error of the 1-pixel differences (an edge term: L1/L2 alone settle
 for soft edges where the latent is ambiguous), plus `scale_weight` times `scale_error` (scale
 equivariance: latents whose spectrum is an image's). `adv_weight` > 0 adds SD's adversarial
-term: a small PatchGAN `Discriminator` (hinge loss) and the decoder's generator loss, weighted adaptively as in
-taming-transformers (adv_weight x the ratio of the reconstruction's to the adversarial term's
+term: a small PatchGAN `Discriminator` (hinge loss) and the decoder's generator loss, weighted
+adaptively as in taming-transformers (adv_weight x the ratio of the reconstruction's to the adversarial term's
 gradient norm at the decoder's last layer). L1/L2 and the edge term leave the decoder's edges soft;
 the adversarial term sharpens them (docs/experiments.md, "A sharper decoder"). `init` starts from a trained VAE (a shipped
 name or a folder) and `train_encoder=False` trains only the decoder (post_quant_conv and
@@ -86,19 +86,14 @@ def _loss_terms(x, y, mean, logvar, kl_weight, edge_weight):
   return rec + kl_weight * kl + edge_weight * edge, (rec, kl, edge)
 
 
-def _half(x):
-  """2x2 average pooling of [B, H, W, C] (H, W even)."""
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-
-
 def scale_error(vae: models.AutoencoderKL, params: Any, x: jax.Array, mean: jax.Array) -> jax.Array:
   """Scale equivariance (Skorokhodov et al. 2025, "Improving the Diffusability of Autoencoders"):
   L1 + L2 error of the decoded 2x-downsampled latent means against the 2x-downsampled images.
   It trains the encoder to keep the latents' high frequencies low, as an image's are, so that a
   diffusion model's coarse-to-fine sampling suits them."""
-  y = pretrained.vae_decode(vae, params, _half(mean))
-  return jnp.mean(jnp.abs(y - _half(x))) + jnp.mean((y - _half(x)) ** 2)
+  half = lambda a: nn.avg_pool(a, (2, 2), strides=(2, 2))
+  err = pretrained.vae_decode(vae, params, half(mean)) - half(x)
+  return jnp.mean(jnp.abs(err)) + jnp.mean(err ** 2)
 
 
 def _objective(vae, params, x, rng, kl_weight, edge_weight, scale_weight):
