@@ -29,6 +29,9 @@ def get_config(arg: str | None = None):
   # image's spectrum, easier for the U-Net to sample; needs train_encoder
   config.scale_weight = 0.0
   config.edge_weight = 0.0  # weight of the L1 error of 1-pixel differences (sharper edges)
+  # > 0: noise of std U(0, latent_noise) x the latents' std added to the decoder's latents in training
+  # (vae_train.perturb_latents): a decoder for a diffusion model's slightly-off latents
+  config.latent_noise = 0.0
   # > 0: a PatchGAN discriminator and SD's adversarial term, adaptively weighted (SD: 0.5); 0: none
   config.adv_weight = 0.0
 
@@ -37,6 +40,9 @@ def get_config(arg: str | None = None):
   config.vae.layers_per_block = 1
   config.vae.norm_num_groups = 16
   config.vae.latent_channels = 8  # SD's has 4; 8 reconstruct this world better at 4x (U-Net: 16 in, 8 out)
+  # > 0: the decoder also sees the input image, through conditioning layers of this width (models/vae.py;
+  # not a diffusers AutoencoderKL any more); with init, they start at zero (the init's decoder)
+  config.vae.image_condition_width = 0
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "synthetic_edit"  # a builder in data/ with original/truth/edited images
@@ -68,6 +74,16 @@ def get_config(arg: str | None = None):
     config.num_steps = 1500
     config.lr = 1e-4
     config.eval_every = 500
+  elif arg == "image_decoder":  # the adversarial decoder, fine-tuned to see the input image: same latents
+    config.init = "synthetic_64px_sharp"
+    config.train_encoder = False
+    config.vae.image_condition_width = 32
+    config.adv_weight = 0.5
+    config.num_steps = 1500
+    config.lr = 2e-4
+    config.eval_every = 500
+    config.data.builder_config = "64px_10k"
   elif arg not in (None, ""):
-    raise ValueError(f"configs/vae.py: unknown variant {arg!r} (expected quick, sharpen or adversarial)")
+    raise ValueError(f"configs/vae.py: unknown variant {arg!r} (expected quick, sharpen, adversarial or "
+                     "image_decoder)")
   return config

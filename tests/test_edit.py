@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -342,3 +343,25 @@ def test_cli_success_in_bfloat16_and_failure(checkpoint, photo, tmp_path):
   assert failure.returncode == 2
   assert stderr.strip().splitlines()[-1] == "error: config.scores=(5.0, 5.0, 7.0): every score must be in [0, 5]"
   assert not bad.exists()
+
+
+def test_an_image_conditioned_decoder_decodes_each_edit_with_its_own_input(tiny_folder, monkeypatch):
+  """The sampler hands the decoder the batch's input images (models/vae.py, image_condition_width);
+  with the conditioning at zero the edits are SD's decoder's."""
+  from mre_jax.io import pretrained
+  from mre_jax.train import vae_train
+  editor = edit.load_editor(tiny_folder)
+  vae, params = vae_train.add_image_condition(editor.vae, editor.vae_params, 8)
+  conditioned = dataclasses.replace(editor, vae=vae, vae_params=params, _text_cache={})
+  pixels = np.random.default_rng(3).uniform(-1, 1, (2, RES, RES, 3)).astype(np.float32)
+  kwargs = dict(seeds=[0, 1], steps=STEPS, scheduler="ddim")
+  seen, decode = [], pretrained.vae_decode
+
+  def spy(vae, params, latents, images=None):
+    jax.debug.callback(lambda a: seen.append(np.asarray(a)), images)
+    return decode(vae, params, latents, images)
+  monkeypatch.setattr(sampling.pretrained, "vae_decode", spy)
+  out = edit.edit_arrays(conditioned, pixels, ["make it red", "add snow"], **kwargs)
+  np.testing.assert_array_equal(seen[-1], pixels)
+  monkeypatch.undo()
+  np.testing.assert_allclose(out, edit.edit_arrays(editor, pixels, ["make it red", "add snow"], **kwargs), atol=1e-6)

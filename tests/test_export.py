@@ -180,3 +180,14 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path):
   result = _main("--config=configs/convert.py", f"--config.source={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'w'}")
   assert result.returncode == 1 and "nowhere: not a folder" in result.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_export_refuses_an_image_conditioned_vae_and_writes_nothing(tiny_folder, tmp_path):
+  """diffusers' AutoencoderKL has no image-conditioned decoder (models/vae.py): exporting one is an
+  error naming the file and field, before anything is written."""
+  ckpt = _convert(tiny_folder, tmp_path / "ckpt")
+  config_file = checkpointing.frozen_dir(ckpt) / "vae" / "config.json"
+  config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "image_condition_width": 8}))
+  with pytest.raises(ValueError, match=r"vae/config.json: image_condition_width=8"):
+    _export(ckpt, tmp_path / "out")
+  assert not (tmp_path / "out").exists()

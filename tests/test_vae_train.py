@@ -284,3 +284,81 @@ def test_shipped_sharp_vae_has_the_same_latents_and_sharper_edges():
                       for i, d in zip(images, decoded)])
   plain_sharpness, sharp_sharpness = sharpness(plain), sharpness(sharp)
   assert sharp_sharpness >= 0.7 and sharp_sharpness >= plain_sharpness + 0.1, (plain_sharpness, sharp_sharpness)
+
+
+def test_image_conditioned_decoder_starts_as_its_init_and_then_sees_the_input():
+  """add_image_condition: with its projections at zero the decoder is the init's whatever the input
+  image; once they are not, the decoded image depends on it; without it, a clear error."""
+  vae, params = _quick_vae()
+  conditioned, cparams = vae_train.add_image_condition(vae, params, 8)
+  assert conditioned.config.image_condition_width == 8
+  x, other = (jax.random.uniform(jax.random.PRNGKey(k), (2, 16, 16, 3), minval=-1, maxval=1) for k in (1, 2))
+  mean, _ = pretrained.vae_encode(conditioned, cparams, x)
+  plain = np.asarray(pretrained.vae_decode(vae, params, mean))
+  for image in (x, other):
+    np.testing.assert_array_equal(np.asarray(pretrained.vae_decode(conditioned, cparams, mean, image)), plain)
+  proj = cparams["decoder"]["cond_proj_out"]
+  trained = {**cparams, "decoder": {**cparams["decoder"], "cond_proj_out": {**proj, "kernel": proj["kernel"] + 0.1}}}
+  a, b = (np.asarray(pretrained.vae_decode(conditioned, trained, mean, image)) for image in (x, other))
+  assert np.abs(a - b).mean() > 1e-3
+  with pytest.raises(ValueError, match="image_condition_width=8"):
+    pretrained.vae_decode(conditioned, cparams, mean)
+
+
+def test_image_decoder_finetune_keeps_the_latents_and_decodes_with_each_original(vae_run, tmp_path):
+  """configs/vae.py:image_decoder's settings on the quick VAE: the encoder bit for bit, the
+  conditioning trained and written with the VAE, and the reported PSNR that of each image decoded
+  with its own example's original."""
+  first = vae_run[1]
+  config = vae_config.get_config("quick")
+  config.data.data_dir = vae_run[0].data.data_dir
+  config.init, config.train_encoder, config.adv_weight = str(first), False, 0.5
+  config.vae.image_condition_width = 8
+  vae_job.train_vae(config, str(tmp_path))
+  assert pretrained.read_config(tmp_path / "vae")["image_condition_width"] == 8
+  _, before = pretrained.load_vae(first)
+  vae, after = pretrained.load_vae(tmp_path)
+  _assert_same_encoder(before, after)
+  assert np.abs(after["decoder"]["cond_proj_out"]["kernel"]).max() > 0  # trained from zero
+  from mre_jax.data import input_pipeline
+  builder = input_pipeline.build_dataset("synthetic_edit", config.data.data_dir, config="tiny")
+  test = vae_train.load_images(builder, "test")
+  x = test.astype(np.float32) / 127.5 - 1.0
+  originals = np.repeat(x[::3], 3, axis=0)
+  decoded = pretrained.vae_decode(vae, after, pretrained.vae_encode(vae, after, x)[0], originals)
+  per_image = vae_train.psnr(test, np.asarray(decoded)).reshape(-1, 3)
+  report = json.loads((tmp_path / "vae_eval.json").read_text())
+  for i, kind in enumerate(vae_train.IMAGE_KINDS):
+    assert report["psnr_db"][kind] == pytest.approx(per_image[:, i].mean(), abs=1e-4)
+
+
+def test_negative_image_condition_width_fails_early(tmp_path):
+  config = vae_config.get_config("quick")
+  config.vae.image_condition_width = -1
+  with pytest.raises(ConfigError, match="image_condition_width=-1"):
+    vae_job.train_vae(config, str(tmp_path))
+
+
+def test_latent_noise_is_per_image_up_to_its_strength_times_the_latents_std():
+  mean = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (400, 4, 4, 8))
+  noise = np.asarray(vae_train.perturb_latents(jax.random.PRNGKey(1), mean, 0.4))
+  share = noise.reshape(400, -1).std(axis=1) / float(np.std(np.asarray(mean)))  # u x 0.4, u ~ U(0, 1)
+  assert share.max() < 0.4 * 1.25 and share.min() < 0.02
+  assert abs(share.mean() - 0.2) < 0.02 and abs(np.median(share) - 0.2) < 0.03
+
+
+def test_latent_noise_reaches_both_training_steps():
+  vae, params = _quick_vae()
+  config = vae_config.get_config("quick")
+  tx, disc, d_tx = vae_train.optimizer(config), vae_train.Discriminator(), optax.adam(1e-3)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3), minval=-1, maxval=1)
+  rng = jax.random.PRNGKey(2)
+  d_params = disc.init(jax.random.PRNGKey(3), x)["params"]
+  plain = vae_train.train_step(params, tx.init(params), x, rng, vae=vae, tx=tx, kl_weight=0.0)[2]
+  noisy = vae_train.train_step(params, tx.init(params), x, rng, vae=vae, tx=tx, kl_weight=0.0, latent_noise=1.0)[2]
+  assert float(noisy["reconstruction"]) != pytest.approx(float(plain["reconstruction"]), rel=1e-3)
+  adv = lambda **kw: vae_train.adversarial_step(params, tx.init(params), d_params, d_tx.init(d_params), x, rng, vae=vae,
+                                                tx=tx, disc=disc, disc_tx=d_tx, kl_weight=0.0, edge_weight=0.0,
+                                                adv_weight=0.5, **kw)[4]["reconstruction"]
+  assert float(adv()) == pytest.approx(float(plain["reconstruction"]), rel=1e-5)
+  assert float(adv(latent_noise=1.0)) == pytest.approx(float(noisy["reconstruction"]), rel=1e-5)

@@ -146,11 +146,13 @@ def category_markdown(summary: dict) -> str:
   return "\n".join(lines)
 
 
-def through_vae(editor: edit.Editor, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-  """uint8 images encoded (posterior mode) and decoded by the editor's VAE: what a perfect
-  latent editor would output, the ceiling of any model that uses this VAE."""
+def through_vae(editor: edit.Editor, images: np.ndarray, originals: np.ndarray, batch_size: int = 64) -> np.ndarray:
+  """uint8 images encoded (posterior mode) and decoded by the editor's VAE (an image-conditioned
+  decoder sees the uint8 `originals`, the edits' inputs): what a perfect latent editor would
+  output, the ceiling of any model that uses this VAE."""
   recon = vae_train.reconstruct_fn(editor.vae)
-  out = [np.asarray(recon(editor.vae_params, images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0)[0])
+  pixels = lambda x: x[i:i + batch_size].astype(np.float32) / 127.5 - 1.0
+  out = [np.asarray(recon(editor.vae_params, pixels(images), pixels(originals))[0])
          for i in range(0, len(images), batch_size)]
   return np.clip(np.round((np.concatenate(out) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
@@ -271,7 +273,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: Path, builder: tfds
   test = load_test_set(builder, ev.split, ev.count)
   editor = edit.load_editor(workdir)
   edits = {"model at 5,5,5": edit_test_set(editor, test, seed=ev.seed, **sampler), **reference_edits(test),
-           "truth through the VAE": through_vae(editor, test.truths)}
+           "truth through the VAE": through_vae(editor, test.truths, test.originals)}
   summaries = {name: summarize(judge_set(test, images), test.categories) for name, images in edits.items()}
   effect = text_effect(editor, test, seed=ev.seed, batch_size=ev.batch_size)
   report = {"step": step, "split": ev.split, "count": len(test), "sampler": sampler, "seed": ev.seed,

@@ -11,7 +11,8 @@ of an edit on device:
    `eps = eps_uncond + g_text * (eps_text - eps_image) + g_image * (eps_image - eps_uncond)`;
    the scheduler's input scaling applies to the noisy latents only, the same reward condition
    (scores, reward-text pooled embedding) goes to all three branches;
-4. decode `latents / scaling_factor`, map [-1, 1] -> [0, 1], flag non-finite pixels.
+4. decode `latents / scaling_factor` (an image-conditioned decoder also sees the input image), map
+   [-1, 1] -> [0, 1], flag non-finite pixels.
 
 Guidance scales, scores, embeddings and seeds are traced values: changing them never
 recompiles. `make_sample_fn` returns the jitted function; callers keep it (the `Editor` caches
@@ -241,7 +242,7 @@ def _sample(unet_params, vae_params, cond: Conditioning, guidance: jax.Array, *,
     return _step(spec, schedule, tables, i, eps, x, noise)
 
   latents = jax.lax.fori_loop(0, spec.num_steps, body, x)
-  pixels = pretrained.vae_decode(vae, vae_params, latents / scaling_factor).astype(jnp.float32)
+  pixels = pretrained.vae_decode(vae, vae_params, latents / scaling_factor, cond.images).astype(jnp.float32)
   finite = jnp.all(jnp.isfinite(pixels), axis=(1, 2, 3))
   return jnp.clip(pixels / 2 + 0.5, 0.0, 1.0), finite
 

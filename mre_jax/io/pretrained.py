@@ -129,9 +129,14 @@ def vae_encode(vae: models.AutoencoderKL, params: dict, images: jax.Array) -> tu
   return vae.apply({"params": params}, images, method=models.AutoencoderKL.encode)
 
 
-def vae_decode(vae: models.AutoencoderKL, params: dict, latents: jax.Array) -> jax.Array:
-  """latents [B, h, w, C] (unscaled) -> images [B, 8h, 8w, 3], nominally in [-1, 1]."""
-  return vae.apply({"params": params}, latents, method=models.AutoencoderKL.decode)
+def vae_decode(vae: models.AutoencoderKL, params: dict, latents: jax.Array, images: jax.Array | None = None
+               ) -> jax.Array:
+  """latents [B, h, w, C] (unscaled) -> images [B, 8h, 8w, 3], nominally in [-1, 1].
+
+  `images`: the input images [B, 8h, 8w, 3] in [-1, 1], for an image-conditioned decoder
+  (`vae.config.image_condition_width` > 0; ignored otherwise).
+  """
+  return vae.apply({"params": params}, latents, images, method=models.AutoencoderKL.decode)
 
 
 # ----------------------------------------------------------------------------- text

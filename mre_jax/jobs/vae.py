@@ -52,6 +52,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.scale_weight > 0 and (not config.train_encoder or config.crop_size % (2 * factor)):
     raise ConfigError(f"config.scale_weight={config.scale_weight} shapes the latents: it needs config.train_encoder=True "
                       f"and config.crop_size (={config.crop_size}) a multiple of twice the VAE's factor {factor}")
+  if config.vae.get("image_condition_width", 0) < 0:
+    raise ConfigError(f"config.vae.image_condition_width={config.vae.image_condition_width}: must be >= 0 "
+                      "(0: SD's decoder)")
+  if config.latent_noise < 0:
+    raise ConfigError(f"config.latent_noise={config.latent_noise}: must be >= 0 (0: decode the latents as they are)")
   if config.adv_weight < 0:
     raise ConfigError(f"config.adv_weight={config.adv_weight}: must be >= 0 (0: no discriminator)")
   if config.num_steps < 1 or config.batch_size < 1:
@@ -85,13 +90,21 @@ def _load_data(config: ml_collections.ConfigDict, workdir: Path) -> tuple[np.nda
 
 def _init_vae(config: ml_collections.ConfigDict) -> tuple[models.AutoencoderKL, dict, Any]:
   """(module, diffusers config, params): config.init's trained VAE, else a fresh one of config.vae."""
+  width = config.vae.get("image_condition_width", 0)
   if config.init:
     folder = tiny.vae_folder(config.init)
     vae, params = pretrained.load_vae(folder)
-    vae_cfg = {k: v for k, v in pretrained.read_config(folder / "vae").items() if k in vae_train.vae_config(config)}
+    keys = {*vae_train.vae_config(config), "image_condition_width"}
+    vae_cfg = {k: v for k, v in pretrained.read_config(folder / "vae").items() if k in keys}
     if vae_cfg["sample_size"] != config.image_size:
       raise ConfigError(f"config.init={config.init!r} was trained at {vae_cfg['sample_size']} px but "
                         f"config.image_size={config.image_size}")
+    if width and vae_cfg.get("image_condition_width", 0) not in (0, width):
+      raise ConfigError(f"config.vae.image_condition_width={width} but config.init={config.init!r} has an "
+                        f"image-conditioned decoder of width {vae_cfg['image_condition_width']}")
+    if width and not vae_cfg.get("image_condition_width"):
+      vae, params = vae_train.add_image_condition(vae, params, width, config.seed)
+      vae_cfg["image_condition_width"] = width
     return vae, vae_cfg, params
   vae_cfg = vae_train.vae_config(config)
   vae = pretrained.make_vae(vae_cfg)
@@ -106,27 +119,29 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, vae: models.Autoenc
   tx = vae_train.optimizer(config)
   opt_state = tx.init(params)
   step_fn = jax.jit(functools.partial(vae_train.train_step, vae=vae, tx=tx, kl_weight=config.kl_weight,
-                                      edge_weight=config.edge_weight, scale_weight=config.scale_weight),
-                    donate_argnums=(0, 1))
+                                      edge_weight=config.edge_weight, scale_weight=config.scale_weight,
+                                      latent_noise=config.latent_noise), donate_argnums=(0, 1))
   if config.adv_weight > 0:  # step_fn keeps the discriminator's params and Adam state in `disc_state`
     disc, disc_tx = vae_train.Discriminator(), vae_train.optimizer(config)
     disc_params = disc.init(jax.random.PRNGKey(config.seed + 1),
                             jnp.zeros((1, config.crop_size, config.crop_size, 3)))["params"]
     adv_fn = jax.jit(functools.partial(vae_train.adversarial_step, vae=vae, tx=tx, disc=disc, disc_tx=disc_tx,
                                        kl_weight=config.kl_weight, edge_weight=config.edge_weight,
-                                       adv_weight=config.adv_weight, scale_weight=config.scale_weight),
+                                       adv_weight=config.adv_weight, scale_weight=config.scale_weight,
+                                       latent_noise=config.latent_noise),
                      donate_argnums=(0, 1, 2, 3))
     disc_state = [disc_params, disc_tx.init(disc_params)]
 
-    def step_fn(params, opt_state, x, rng):
-      params, opt_state, disc_state[0], disc_state[1], metrics = adv_fn(params, opt_state, *disc_state, x, rng)
+    def step_fn(params, opt_state, x, rng, originals):
+      params, opt_state, disc_state[0], disc_state[1], metrics = adv_fn(params, opt_state, *disc_state, x, rng,
+                                                                        originals=originals)
       return params, opt_state, metrics
   rng, key = np.random.default_rng(config.seed), jax.random.PRNGKey(config.seed)
   t0 = time.time()
   with open(workdir / "metrics.jsonl", "a") as log:
     for step in range(1, config.num_steps + 1):
-      x = vae_train.random_crops(train_images, rng, config.batch_size, config.crop_size)
-      params, opt_state, metrics = step_fn(params, opt_state, x, jax.random.fold_in(key, step))
+      x, originals = vae_train.random_crops(train_images, rng, config.batch_size, config.crop_size)
+      params, opt_state, metrics = step_fn(params, opt_state, x, jax.random.fold_in(key, step), originals=originals)
       if step % config.log_every == 0 or step == config.num_steps:
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         log.write(json.dumps({"step": step, **scalars, "seconds": time.time() - t0}) + "\n")

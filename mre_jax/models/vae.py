@@ -7,6 +7,14 @@ resnet), GroupNorm, SiLU, conv_out to 2 x latent channels (mean and log-variance
 resnet each and 2x upsampling except at the last, GroupNorm, SiLU, conv_out. Every GroupNorm
 has `norm_num_groups` groups and eps 1e-6. Images are [B, H, W, 3] in [-1, 1]; latents
 [B, H/2^(levels-1), W/2^(levels-1), latent channels] (SD: H/8), unscaled.
+
+`image_condition_width` > 0 (our extension; diffusers has no such field) makes the decoder an
+editor's decoder: it also sees the input image, as the asymmetric VQGAN's decoder sees the
+unmasked image (Zhu et al. 2023, "Designing a Better Asymmetric VQGAN for StableDiffusion"), so that
+what an edit keeps, and the edges it recolours in place, are drawn from the photo, not only from
+the latents. The image's features at each decoder resolution (`cond_in`, `cond_0`, then stride-2
+convolutions `cond_1`...) are added through zero-initialised 1x1 convolutions (`cond_proj_*`)
+before each level and before the head: with them at zero it is SD's decoder.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ class VAEConfig:
   scaling_factor: float = 0.18215
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
+  image_condition_width: int = 0  # > 0: the decoder also sees the input image (module docstring)
 
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any], source: str = "vae config") -> "VAEConfig":
@@ -154,22 +163,46 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """latents [B, h, w, latent channels] (after post_quant_conv) -> images [B, h*f, w*f, out_channels]."""
+  """latents [B, h, w, latent channels] (after post_quant_conv), and with `image_condition_width` > 0
+  the input images [B, h*f, w*f, 3] in [-1, 1] -> images [B, h*f, w*f, out_channels]."""
 
   config: VAEConfig
   dtype: Any = jnp.float32
   kernels: ops.Kernels = ops.Kernels()
 
   @nn.compact
-  def __call__(self, z: jax.Array) -> jax.Array:
+  def __call__(self, z: jax.Array, images: jax.Array | None = None) -> jax.Array:
     cfg, channels = self.config, self.config.block_out_channels[::-1]
+    features = self._image_features(images) if cfg.image_condition_width else [None] * (len(channels) + 1)
     x = _conv3x3(channels[0], self.dtype, self.kernels, name="conv_in")(z)
     x = _MidBlock(channels[0], cfg.norm_num_groups, self.dtype, self.kernels, name="mid_block")(x)
     for i, width in enumerate(channels):
+      x = self._add(x, features[i], f"cond_proj_{i}")
       resample = "up" if i < len(channels) - 1 else None
       x = _Level(width, cfg.layers_per_block + 1, cfg.norm_num_groups, resample, self.dtype, self.kernels,
                  name=f"up_blocks_{i}")(x)
+    x = self._add(x, features[-1], "cond_proj_out")
     return _head(x, cfg.norm_num_groups, cfg.out_channels, self.dtype, self.kernels)
+
+  @nn.nowrap
+  def _image_features(self, images):
+    """[features at the decoder's lowest resolution, ..., at full resolution, at full resolution]."""
+    if images is None:
+      raise ValueError("this VAE's decoder is image-conditioned (image_condition_width="
+                       f"{self.config.image_condition_width}): decode(latents, images) needs the input images")
+    levels, width = len(self.config.block_out_channels), self.config.image_condition_width
+    conv = lambda x, name, stride=1: nn.silu(Conv(width, strides=(stride, stride), dtype=self.dtype,
+                                                   implementation=self.kernels.conv, name=name)(x))
+    features = [conv(conv(images.astype(self.dtype), "cond_in"), "cond_0")]
+    for j in range(1, levels):
+      features.append(conv(features[-1], f"cond_{j}", stride=2))
+    return features[::-1] + features[:1]
+
+  @nn.nowrap
+  def _add(self, x, features, name):
+    if features is None:
+      return x
+    return x + conv1x1(x.shape[-1], self.dtype, self.kernels.conv, name=name)(features)
 
 
 class AutoencoderKL(nn.Module):
@@ -202,12 +235,16 @@ class AutoencoderKL(nn.Module):
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return mean, jnp.clip(logvar, -30.0, 20.0)
 
-  def decode(self, latents: jax.Array) -> jax.Array:
-    """latents [B, h, w, C] (unscaled) -> images [B, h*f, w*f, 3], nominally in [-1, 1]."""
+  def decode(self, latents: jax.Array, images: jax.Array | None = None) -> jax.Array:
+    """latents [B, h, w, C] (unscaled) -> images [B, h*f, w*f, 3], nominally in [-1, 1].
+
+    `images` (the input images [B, h*f, w*f, 3] in [-1, 1]) are needed by an image-conditioned
+    decoder (`config.image_condition_width` > 0) and ignored by SD's.
+    """
     z = latents.astype(self.dtype)
     if self.config.use_post_quant_conv:
       z = self.post_quant_conv(z)
-    return self.decoder(z)
+    return self.decoder(z, images if self.config.image_condition_width else None)
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    return self.decode(self.encode(images)[0])
+    return self.decode(self.encode(images)[0], images)

@@ -23,6 +23,7 @@ latents have unit variance.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -35,26 +36,27 @@ from flax import linen as nn
 
 from mre_jax import models
 from mre_jax.data import input_pipeline
-from mre_jax.io import pretrained
+from mre_jax.io import pretrained, weights
 
 if TYPE_CHECKING:
   import tensorflow_datasets as tfds
 
 IMAGE_KINDS = ("original", "truth", "edited")  # the images of a synthetic_edit example
-# (params, images [B, H, W, 3] in [-1, 1]) -> (decoded posterior mode, latent means)
-ReconstructFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
+# (params, images [B, H, W, 3] in [-1, 1], their originals) -> (decoded posterior mode, latent means)
+ReconstructFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def vae_config(config: ml_collections.ConfigDict) -> dict:
   """The diffusers AutoencoderKL config.json for `config.vae` (one down block per width)."""
   v = config.vae
   n = len(v.block_out_channels)
+  conditioned = {"image_condition_width": v.image_condition_width} if v.get("image_condition_width", 0) else {}
   return {
       "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": v.latent_channels,
       "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
       "block_out_channels": list(v.block_out_channels), "layers_per_block": v.layers_per_block,
       "norm_num_groups": v.norm_num_groups, "act_fn": "silu", "sample_size": config.image_size,
-      "scaling_factor": 1.0,
+      "scaling_factor": 1.0, **conditioned,
   }
 
 
@@ -71,11 +73,24 @@ def _posterior(vae, params, x):
   return pretrained.vae_encode(vae, params, x)
 
 
-def _reconstruct(vae, params, x, rng):
-  """(decoded posterior sample, mean, logvar) for images x [B, H, W, 3] in [-1, 1]."""
+def perturb_latents(rng: jax.Array, mean: jax.Array, strength: float) -> jax.Array:
+  """Gaussian noise for latents `mean` [B, h, w, C]: per image, of std u x strength x the batch's latent
+  std, u ~ U(0, 1). A decoder trained on it decodes a diffusion model's slightly-off latents (an
+  image-conditioned one learns to take their edges from the input image)."""
+  amount, noise = jax.random.split(rng)
+  scale = jax.random.uniform(amount, (mean.shape[0],) + (1,) * (mean.ndim - 1)) * strength
+  return scale * jax.lax.stop_gradient(jnp.std(mean)) * jax.random.normal(noise, mean.shape)
+
+
+def _reconstruct(vae, params, x, rng, originals=None, latent_noise=0.0):
+  """(decoded posterior sample (plus `perturb_latents` noise of `latent_noise`), mean, logvar) for images
+  x [B, H, W, 3] in [-1, 1] (an image-conditioned decoder sees `originals`, the inputs of the edits x
+  come from)."""
   mean, logvar = _posterior(vae, params, x)
   z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
-  return pretrained.vae_decode(vae, params, z), mean, logvar
+  if latent_noise > 0:
+    z = z + perturb_latents(jax.random.fold_in(rng, 1), mean, latent_noise)
+  return pretrained.vae_decode(vae, params, z, originals), mean, logvar
 
 
 def _loss_terms(x, y, mean, logvar, kl_weight, edge_weight):
@@ -86,38 +101,42 @@ def _loss_terms(x, y, mean, logvar, kl_weight, edge_weight):
   return rec + kl_weight * kl + edge_weight * edge, (rec, kl, edge)
 
 
-def scale_error(vae: models.AutoencoderKL, params: Any, x: jax.Array, mean: jax.Array) -> jax.Array:
+def scale_error(vae: models.AutoencoderKL, params: Any, x: jax.Array, mean: jax.Array,
+                originals: jax.Array | None = None) -> jax.Array:
   """Scale equivariance (Skorokhodov et al. 2025, "Improving the Diffusability of Autoencoders"):
   L1 + L2 error of the decoded 2x-downsampled latent means against the 2x-downsampled images.
   It trains the encoder to keep the latents' high frequencies low, as an image's are, so that a
   diffusion model's coarse-to-fine sampling suits them."""
   half = lambda a: nn.avg_pool(a, (2, 2), strides=(2, 2))
-  err = pretrained.vae_decode(vae, params, half(mean)) - half(x)
+  err = pretrained.vae_decode(vae, params, half(mean), None if originals is None else half(originals)) - half(x)
   return jnp.mean(jnp.abs(err)) + jnp.mean(err ** 2)
 
 
-def _objective(vae, params, x, rng, kl_weight, edge_weight, scale_weight):
+def _objective(vae, params, x, rng, kl_weight, edge_weight, scale_weight, originals=None, latent_noise=0.0):
   """(loss, (reconstruction, KL, edge, scale errors), decoded images)."""
-  y, mean, logvar = _reconstruct(vae, params, x, rng)
+  y, mean, logvar = _reconstruct(vae, params, x, rng, originals, latent_noise)
   loss, (rec, kl, edge) = _loss_terms(x, y, mean, logvar, kl_weight, edge_weight)
-  scale = scale_error(vae, params, x, mean) if scale_weight > 0 else jnp.zeros(())
+  scale = scale_error(vae, params, x, mean, originals) if scale_weight > 0 else jnp.zeros(())
   return loss + scale_weight * scale, (rec, kl, edge, scale), y
 
 
 def loss_fn(params: Any, x: jax.Array, rng: jax.Array, *, vae: models.AutoencoderKL, kl_weight: float,
-            edge_weight: float = 0.0, scale_weight: float = 0.0
-            ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
-  """(loss, (reconstruction, KL per latent pixel, edge, scale errors)) for images x [B, H, W, 3] in [-1, 1]."""
-  loss, aux, _ = _objective(vae, params, x, rng, kl_weight, edge_weight, scale_weight)
+            edge_weight: float = 0.0, scale_weight: float = 0.0, originals: jax.Array | None = None,
+            latent_noise: float = 0.0) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
+  """(loss, (reconstruction, KL per latent pixel, edge, scale errors)) for images x [B, H, W, 3] in [-1, 1];
+  `originals` (the same shape) are what an image-conditioned decoder sees; `latent_noise`: see
+  `perturb_latents`."""
+  loss, aux, _ = _objective(vae, params, x, rng, kl_weight, edge_weight, scale_weight, originals, latent_noise)
   return loss, aux
 
 
 def train_step(params: Any, opt_state: optax.OptState, x: jax.Array, rng: jax.Array, *, vae: models.AutoencoderKL,
-               tx: optax.GradientTransformation, kl_weight: float, edge_weight: float = 0.0, scale_weight: float = 0.0
+               tx: optax.GradientTransformation, kl_weight: float, edge_weight: float = 0.0, scale_weight: float = 0.0,
+               originals: jax.Array | None = None, latent_noise: float = 0.0
                ) -> tuple[Any, optax.OptState, dict[str, jax.Array]]:
   (loss, (rec, kl, edge, scale)), grads = jax.value_and_grad(
-      functools.partial(loss_fn, vae=vae, kl_weight=kl_weight, edge_weight=edge_weight, scale_weight=scale_weight),
-      has_aux=True)(params, x, rng)
+      functools.partial(loss_fn, vae=vae, kl_weight=kl_weight, edge_weight=edge_weight, scale_weight=scale_weight,
+                        originals=originals, latent_noise=latent_noise), has_aux=True)(params, x, rng)
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, {"loss": loss, "reconstruction": rec, "kl": kl,
                                                            "edge": edge, "scale": scale}
@@ -147,12 +166,13 @@ def adaptive_weight(rec_grads: Any, adv_grads: Any, adv_weight: float) -> jax.Ar
 def adversarial_step(params: Any, opt_state: optax.OptState, disc_params: Any, disc_state: optax.OptState,
                      x: jax.Array, rng: jax.Array, *, vae: models.AutoencoderKL, tx: optax.GradientTransformation,
                      disc: Discriminator, disc_tx: optax.GradientTransformation, kl_weight: float,
-                     edge_weight: float, adv_weight: float, scale_weight: float = 0.0
+                     edge_weight: float, adv_weight: float, scale_weight: float = 0.0,
+                     originals: jax.Array | None = None, latent_noise: float = 0.0
                      ) -> tuple[Any, optax.OptState, Any, optax.OptState, dict]:
   """One step of the VAE (reconstruction + adaptively weighted generator loss -mean D(decoded)) and
   one of the discriminator (hinge loss, real x against the decoded images)."""
   def losses(p):  # one forward for both terms; their gradients are two pullbacks of it
-    loss, aux, y = _objective(vae, p, x, rng, kl_weight, edge_weight, scale_weight)
+    loss, aux, y = _objective(vae, p, x, rng, kl_weight, edge_weight, scale_weight, originals, latent_noise)
     return (loss, -jnp.mean(disc.apply({"params": disc_params}, y))), (aux, y)
 
   (loss, gen), pullback, ((rec, kl, edge, scale), y) = jax.vjp(losses, params, has_aux=True)
@@ -177,6 +197,18 @@ def adversarial_step(params: Any, opt_state: optax.OptState, disc_params: Any, d
 ENCODER = ("encoder", "quant_conv")  # the parameters that make the latents
 
 
+def add_image_condition(vae: models.AutoencoderKL, params: Any, width: int, seed: int = 0
+                        ) -> tuple[models.AutoencoderKL, Any]:
+  """`vae` with an image-conditioned decoder of `width` (models.vae's docstring): `params` plus fresh
+  conditioning layers whose output projections are zero, so that it decodes as `vae` did until trained."""
+  conditioned = models.AutoencoderKL(dataclasses.replace(vae.config, image_condition_width=width), vae.dtype,
+                                     vae.kernels)
+  fresh = weights.init_like_torch(pretrained.vae_param_shapes(conditioned), seed)
+  decoder = {k: (jax.tree.map(np.zeros_like, v) if k.startswith("cond_proj") else v)
+             for k, v in fresh["decoder"].items() if k.startswith("cond")}
+  return conditioned, {**params, "decoder": {**params["decoder"], **decoder}}
+
+
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam on a cosine schedule with global-norm clipping; the encoder is frozen (no update, no
   Adam state) when `config.train_encoder` is False."""
@@ -190,21 +222,25 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
                                lambda params: {k: "frozen" if k in ENCODER else "train" for k in params})
 
 
-def random_crops(images: np.ndarray, rng: np.random.Generator, batch: int, crop: int) -> np.ndarray:
-  """float32 [batch, crop, crop, 3] in [-1, 1]: random images, one random crop and flip per batch."""
-  x = images[rng.integers(0, len(images), batch)]
+def random_crops(images: np.ndarray, rng: np.random.Generator, batch: int, crop: int) -> tuple[np.ndarray, np.ndarray]:
+  """(x, originals), each float32 [batch, crop, crop, 3] in [-1, 1]: random images of `load_images`'
+  kind-interleaved array, one random crop and flip per batch, and the same crops of their examples'
+  originals (what an image-conditioned decoder sees)."""
+  index = rng.integers(0, len(images), batch)
   top, left = rng.integers(0, images.shape[1] - crop + 1, 2)
-  x = x[:, top:top + crop, left:left + crop]
-  if rng.random() < 0.5:
-    x = x[:, :, ::-1]
-  return x.astype(np.float32) / 127.5 - 1.0
+  flip = rng.random() < 0.5
+  def cut(x):
+    x = x[:, top:top + crop, left:left + crop]
+    return (x[:, :, ::-1] if flip else x).astype(np.float32) / 127.5 - 1.0
+  return cut(images[index]), cut(images[index - index % len(IMAGE_KINDS)])
 
 
 def reconstruct_fn(vae: models.AutoencoderKL) -> ReconstructFn:
-  """Jitted (params, images [B, H, W, 3] in [-1, 1]) -> (decoded posterior mode, latent means)."""
-  def fn(params, x):
+  """Jitted (params, images [B, H, W, 3] in [-1, 1], their originals (seen by an image-conditioned
+  decoder)) -> (decoded posterior mode, latent means)."""
+  def fn(params, x, originals):
     mean, _ = _posterior(vae, params, x)
-    return pretrained.vae_decode(vae, params, mean), mean
+    return pretrained.vae_decode(vae, params, mean, originals), mean
   return jax.jit(fn)
 
 
@@ -216,10 +252,14 @@ def psnr(reference: np.ndarray, decoded: np.ndarray) -> np.ndarray:
 
 
 def evaluate(recon: ReconstructFn, params: Any, images: np.ndarray, batch: int = 96) -> tuple[np.ndarray, np.ndarray]:
-  """(per-image PSNR [N], latent means [N, h, w, C]) of encode -> mode -> decode."""
+  """(per-image PSNR [N], latent means [N, h, w, C]) of encode -> mode -> decode of `load_images`'
+  kind-interleaved images (an image-conditioned decoder sees each example's original)."""
+  kinds = len(IMAGE_KINDS)
+  batch -= batch % kinds
   scores, means = [], []
   for i in range(0, len(images), batch):
-    decoded, mean = recon(params, images[i:i + batch].astype(np.float32) / 127.5 - 1.0)
+    x = images[i:i + batch].astype(np.float32) / 127.5 - 1.0
+    decoded, mean = recon(params, x, np.repeat(x[::kinds], kinds, axis=0)[:len(x)])
     scores.append(psnr(images[i:i + batch], decoded))
     means.append(np.asarray(mean))
   return np.concatenate(scores), np.concatenate(means)
