@@ -37,8 +37,10 @@ def get_config(arg: str | None = None):
   config.model.conv = "auto"  # auto | xla | winograd
   config.model.norm = "auto"  # GroupNorm: auto | xla | cpu
   # init=tiny: a shipped VAE (tiny.VAES), a diffusers folder, or "" (random). synthetic_64px_sharp is
-  # synthetic_64px with an adversarially fine-tuned decoder: the same encoder and latents, sharper edits.
-  config.model.vae = "synthetic_64px_sharp"
+  # synthetic_64px with an adversarially fine-tuned decoder: the same encoder and latents, sharper edits;
+  # synthetic_64px_cond is that decoder fine-tuned to also see the input image (configs/vae.py:image_decoder;
+  # the same latents again; not exportable to diffusers: use synthetic_64px_sharp to export).
+  config.model.vae = "synthetic_64px_cond"
   # init=tiny: a shipped text encoder (tiny.TEXT_ENCODERS; written by the text job, configs/text.py:
   # CLIP-style pretraining on the synthetic world), a folder the text job wrote, or "" (random).
   # docs/experiments.md, "The random text encoder is what holds local edits back".

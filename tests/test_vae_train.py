@@ -362,3 +362,20 @@ def test_latent_noise_reaches_both_training_steps():
                                                 adv_weight=0.5, **kw)[4]["reconstruction"]
   assert float(adv()) == pytest.approx(float(plain["reconstruction"]), rel=1e-5)
   assert float(adv(latent_noise=1.0)) == pytest.approx(float(noisy["reconstruction"]), rel=1e-5)
+
+
+def test_shipped_image_conditioned_vae_keeps_the_latents_and_draws_on_the_input():
+  """synthetic_64px_cond (configs/vae.py:image_decoder) keeps synthetic_64px_sharp's encoder bit for bit;
+  given latents a little off (noise of 0.3 x their std, as a U-Net's are) and the input image, it
+  decodes an unchanged scene far closer to it than the sharp decoder does, and a clean latent as well."""
+  sharp_vae, sharp = pretrained.load_vae(tiny.vae_folder("synthetic_64px_sharp"))
+  vae, cond = pretrained.load_vae(tiny.vae_folder("synthetic_64px_cond"))
+  assert vae.config.image_condition_width > 0
+  _assert_same_encoder(sharp, cond)
+  images = _fresh_test_scenes(11)
+  x = images / 127.5 - 1.0
+  mean, _ = pretrained.vae_encode(vae, cond, x)
+  noisy = mean + 0.3 * float(np.std(np.asarray(mean))) * jax.random.normal(jax.random.PRNGKey(0), mean.shape)
+  psnr = lambda v, p, z, *image: vae_train.psnr(images, np.asarray(pretrained.vae_decode(v, p, z, *image))).mean()
+  assert psnr(vae, cond, noisy, x) >= psnr(sharp_vae, sharp, noisy) + 2.0
+  assert psnr(vae, cond, mean, x) >= psnr(sharp_vae, sharp, mean) - 0.5

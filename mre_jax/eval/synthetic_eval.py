@@ -151,8 +151,8 @@ def through_vae(editor: edit.Editor, images: np.ndarray, originals: np.ndarray, 
   decoder sees the uint8 `originals`, the edits' inputs): what a perfect latent editor would
   output, the ceiling of any model that uses this VAE."""
   recon = vae_train.reconstruct_fn(editor.vae)
-  pixels = lambda x: x[i:i + batch_size].astype(np.float32) / 127.5 - 1.0
-  out = [np.asarray(recon(editor.vae_params, pixels(images), pixels(originals))[0])
+  pixels = lambda x, i: x[i:i + batch_size].astype(np.float32) / 127.5 - 1.0
+  out = [np.asarray(recon(editor.vae_params, pixels(images, i), pixels(originals, i))[0])
          for i in range(0, len(images), batch_size)]
   return np.clip(np.round((np.concatenate(out) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 

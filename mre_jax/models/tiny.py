@@ -102,7 +102,8 @@ def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
 ASSETS = Path(__file__).parent / "assets"
 # synthetic_64px_sharp: synthetic_64px's decoder fine-tuned adversarially (configs/vae.py:adversarial);
 # the same encoder, so the same latents and caches, and sharper edges when decoded.
-VAES = {"synthetic_64px": ASSETS / "vae_synthetic_64px", "synthetic_64px_sharp": ASSETS / "vae_synthetic_64px_sharp"}
+VAES = {"synthetic_64px": ASSETS / "vae_synthetic_64px", "synthetic_64px_sharp": ASSETS / "vae_synthetic_64px_sharp",
+        "synthetic_64px_cond": ASSETS / "vae_synthetic_64px_cond"}
 TEXT_ENCODERS = {"synthetic_64px": ASSETS / "text_synthetic_64px"}
 
 

@@ -13,8 +13,9 @@ editor's decoder: it also sees the input image, as the asymmetric VQGAN's decode
 unmasked image (Zhu et al. 2023, "Designing a Better Asymmetric VQGAN for StableDiffusion"), so that
 what an edit keeps, and the edges it recolours in place, are drawn from the photo, not only from
 the latents. The image's features at each decoder resolution (`cond_in`, `cond_0`, then stride-2
-convolutions `cond_1`...) are added through zero-initialised 1x1 convolutions (`cond_proj_*`)
-before each level and before the head: with them at zero it is SD's decoder.
+convolutions `cond_1`...) are added through 1x1 convolutions (`cond_proj_*`) before each level
+and before the head; with those at zero (as `vae_train.add_image_condition` starts them) it is
+SD's decoder.
 """
 
 from __future__ import annotations
