@@ -16,7 +16,10 @@ gradient norm at the decoder's last layer). L1/L2 and the edge term leave the de
 the adversarial term sharpens them (docs/experiments.md, "A sharper decoder"). `init` starts from a trained VAE (a shipped
 name or a folder) and `train_encoder=False` trains only the decoder (post_quant_conv and
 decoder), as SD's ft-MSE VAE: the latents, so every latent cache and U-Net trained on them,
-stay valid. Training uses random crops (the VAE is convolutional); evaluation runs on whole
+stay valid. An image-conditioned decoder (`config.vae.image_condition_width`, models/vae.py;
+`add_image_condition` extends an init's) sees each image's example original, in training and
+evaluation; `latent_noise` > 0 decodes latents with noise (`perturb_latents`), as a U-Net's
+latents are a little off. Training uses random crops (the VAE is convolutional); evaluation runs on whole
 images. After training, `scaling_factor` (1 / the std of the posterior means over training
 images, SD's convention, 0.18215 for SD 1.5) is written into the config, so that scaled
 latents have unit variance.
