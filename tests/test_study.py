@@ -177,3 +177,30 @@ def test_text_effect_measures_the_share_of_the_way_to_the_truth_per_branch(quick
   for row in effect["shares"].values():
     np.testing.assert_allclose(row["instruction"], 0.8, atol=2e-3)
     np.testing.assert_allclose(row["empty"], 0.2, atol=2e-3)
+
+
+def test_the_vae_ceiling_of_an_image_conditioned_decoder_decodes_each_truth_with_its_input(quick_study):
+  """`synthetic_eval.through_vae` with an image-conditioned decoder (models/vae.py): each truth is
+  decoded from its latents with its own example's input image, as the sampler decodes an edit."""
+  import dataclasses
+
+  from mre_jax.data import input_pipeline
+  from mre_jax.infer import edit
+  from mre_jax.io import pretrained
+  from mre_jax.train import vae_train
+  out, _ = quick_study
+  editor = edit.load_editor(out / "reward_seed0")
+  vae, params = vae_train.add_image_condition(editor.vae, editor.vae_params, 8)
+  proj = params["decoder"]["cond_proj_out"]
+  params = {**params, "decoder": {**params["decoder"], "cond_proj_out": {**proj, "kernel": proj["kernel"] + 1.0}}}
+  conditioned = dataclasses.replace(editor, vae=vae, vae_params=params)
+  builder = input_pipeline.build_dataset("synthetic_edit", str(out / "tfds"), config="tiny")
+  test = synthetic_eval.load_test_set(builder, "test", 7)
+  pixels = lambda x: x.astype(np.float32) / 127.5 - 1.0
+  mean, _ = pretrained.vae_encode(vae, params, pixels(test.truths))
+  want = np.asarray(pretrained.vae_decode(vae, params, mean, pixels(test.originals)))
+  want = np.clip(np.round((want + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  got = synthetic_eval.through_vae(conditioned, test.truths, test.originals, batch_size=3)
+  assert np.abs(got.astype(int) - want).max() <= 1  # rounding at the edge of a level
+  other = synthetic_eval.through_vae(conditioned, test.truths, test.truths, batch_size=3)
+  assert np.abs(other.astype(int) - want).mean() > 1.0  # measured 2.5: the input image matters
