@@ -77,7 +77,7 @@ def get_config(arg: str | None = None):
   elif arg == "image_decoder":  # the adversarial decoder, fine-tuned to see the input image: same latents
     config.init = "synthetic_64px_sharp"
     config.train_encoder = False
-    config.vae.image_condition_width = 32
+    config.vae.image_condition_width = 64  # 32: edits 3.32 against 3.53 (docs/experiments.md)
     config.latent_noise = 0.3  # 0.6 decoded the U-Net's edits no better and the truth worse
     config.adv_weight = 0.5
     config.num_steps = 2000
