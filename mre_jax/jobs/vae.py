@@ -52,7 +52,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.scale_weight > 0 and (not config.train_encoder or config.crop_size % (2 * factor)):
     raise ConfigError(f"config.scale_weight={config.scale_weight} shapes the latents: it needs config.train_encoder=True "
                       f"and config.crop_size (={config.crop_size}) a multiple of twice the VAE's factor {factor}")
-  if config.vae.get("image_condition_width", 0) < 0:
+  if config.vae.image_condition_width < 0:
     raise ConfigError(f"config.vae.image_condition_width={config.vae.image_condition_width}: must be >= 0 "
                       "(0: SD's decoder)")
   if config.latent_noise < 0:
@@ -90,7 +90,7 @@ def _load_data(config: ml_collections.ConfigDict, workdir: Path) -> tuple[np.nda
 
 def _init_vae(config: ml_collections.ConfigDict) -> tuple[models.AutoencoderKL, dict, Any]:
   """(module, diffusers config, params): config.init's trained VAE, else a fresh one of config.vae."""
-  width = config.vae.get("image_condition_width", 0)
+  width = config.vae.image_condition_width
   if config.init:
     folder = tiny.vae_folder(config.init)
     vae, params = pretrained.load_vae(folder)

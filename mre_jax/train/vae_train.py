@@ -53,7 +53,7 @@ def vae_config(config: ml_collections.ConfigDict) -> dict:
   """The diffusers AutoencoderKL config.json for `config.vae` (one down block per width)."""
   v = config.vae
   n = len(v.block_out_channels)
-  conditioned = {"image_condition_width": v.image_condition_width} if v.get("image_condition_width", 0) else {}
+  conditioned = {"image_condition_width": v.image_condition_width} if v.image_condition_width else {}
   return {
       "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": v.latent_channels,
       "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
@@ -262,7 +262,7 @@ def evaluate(recon: ReconstructFn, params: Any, images: np.ndarray, batch: int =
   scores, means = [], []
   for i in range(0, len(images), batch):
     x = images[i:i + batch].astype(np.float32) / 127.5 - 1.0
-    decoded, mean = recon(params, x, np.repeat(x[::kinds], kinds, axis=0)[:len(x)])
+    decoded, mean = recon(params, x, np.repeat(x[::kinds], kinds, axis=0))
     scores.append(psnr(images[i:i + batch], decoded))
     means.append(np.asarray(mean))
   return np.concatenate(scores), np.concatenate(means)
