@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
 
   if arg == "long":  # the paired `long` runs of README's "Does it work?": each model is
     # `configs/train.py:long` (384k images, about 70 minutes on 2 cores), six models about 7 hours;
-    # README ("The study") shows how to train a seed's two arms at once, one core each.
+    # README ("From a stage-1 editor") shows how to train a seed's two arms at once, one core each.
     config.train = train_configs.get_config("long")
     config.train.sample.every = 0
   elif arg == "quick":  # CI: checks the study runs end to end and writes well-formed outputs

@@ -207,20 +207,16 @@ def test_the_vae_ceiling_of_an_image_conditioned_decoder_decodes_each_truth_with
 
 
 def test_long_variant_trains_the_paired_long_models(tmp_path):
-  """configs/study.py:long: each arm is configs/train.py:long with the arm's reward switch and the seed, so a
-  seed's two models can also be trained by hand (README, "The study") and the study resumes them."""
+  """configs/study.py:long: each arm is configs/train.py:long with the flags of README's hand-run arm commands
+  ("From a stage-1 editor"), so a seed's two models can be trained by hand and the study resumes them."""
   from configs import train as train_configs
   config = study_config.get_config("long")
   study_job.check_config(config)
-  expected = train_configs.get_config("long").to_dict()
   for arm in study.ARMS:
-    got = study.train_config(config, tmp_path, arm, 2).to_dict()
-    assert got["seed"] == 2 and got["model"]["reward"] == (arm == "reward")
-    assert got["data"]["data_dir"] == str(tmp_path / "tfds") and got["eval"]["count"] == 0
-    assert got["sample"]["every"] == 0
-    for key in ("num_steps", "batch_size", "optim", "stage"):
-      assert got[key] == expected[key], key
-    assert {k: v for k, v in got["data"].items() if k != "data_dir"} == \
-           {k: v for k, v in expected["data"].items() if k != "data_dir"}
-    assert {k: v for k, v in got["model"].items() if k != "reward"} == \
-           {k: v for k, v in expected["model"].items() if k != "reward"}
+    expected = train_configs.get_config("long")
+    expected.seed = 2
+    expected.model.reward = arm == "reward"
+    expected.data.data_dir = str(tmp_path / "tfds")
+    expected.eval.count = 0
+    expected.sample.every = 0
+    assert study.train_config(config, tmp_path, arm, 2).to_dict() == expected.to_dict()
