@@ -220,3 +220,50 @@ def test_long_variant_trains_the_paired_long_models(tmp_path):
     expected.eval.count = 0
     expected.sample.every = 0
     assert study.train_config(config, tmp_path, arm, 2).to_dict() == expected.to_dict()
+
+
+def test_edits_made_elsewhere_pool_without_their_models(quick_study, tmp_path, monkeypatch):
+  """An OUT holding only another run's edits/ (no model workdirs) trains nothing and reports the same
+  table: seeds trained and edited on different machines pool by copying their edits/ together."""
+  import shutil
+  out, _ = quick_study
+  pooled = tmp_path / "pooled"
+  shutil.copytree(out / "edits", pooled / "edits")
+  monkeypatch.setattr(study_job.loop, "train_and_evaluate", lambda cfg, workdir: pytest.fail(f"trained {workdir}"))
+  monkeypatch.setattr(study.edit, "load_editor", lambda workdir: pytest.fail(f"loaded {workdir}"))
+  config = study_config.get_config("quick")
+  config.train.data.data_dir = str(out / "tfds")  # the data folder is not part of what the edits depend on
+  result = study_job.run_study(config, pooled)
+  want = json.loads((out / "table.json").read_text())
+  assert json.loads(json.dumps(result)) == want
+  assert sorted(p.name for p in pooled.iterdir()) == ["bars.png", "edits", "examples.png", "knobs.png", "table.json",
+                                                      "table.md"]
+
+
+def test_edits_made_by_another_config_are_refused_by_name(quick_study, tmp_path):
+  """Cached edits carry what they depend on: a study asking for other sampler settings or another
+  recipe gets a ConfigError naming the file and the field, not those edits judged as its own."""
+  import shutil
+
+  from mre_jax.errors import ConfigError
+  out, _ = quick_study
+  shutil.copytree(out / "edits", tmp_path / "edits")
+  config = study_config.get_config("quick")
+  assert study.edits_done(config, tmp_path, "reward", 0) and study.edits_done(config, tmp_path, "baseline", 0)
+  assert not study.edits_done(config, tmp_path, "baseline", 1)
+  config.eval.batch_size = 3  # results do not depend on it
+  assert study.edits_done(config, tmp_path, "baseline", 0)
+  config.eval.steps = 4
+  with pytest.raises(ConfigError, match=r"baseline_seed0\.npz was made by another config \(sampler\.steps: 3 there, "
+                                        r"4 here\)"):
+    study.edits_done(config, tmp_path, "baseline", 0)
+  config = study_config.get_config("quick")
+  config.train.optim.lr = 1e-3
+  with pytest.raises(ConfigError, match=r"reward_seed0\.npz .*train\.optim\.lr: 0\.0003 there, 0\.001 here"):
+    study.edits_done(config, tmp_path, "reward", 0)
+  path = tmp_path / "edits" / "baseline_seed0.npz"
+  with np.load(path) as f:
+    edits = f["edits"]
+  np.savez_compressed(path, edits=edits)  # a file from before edits carried their meta
+  with pytest.raises(ConfigError, match=r"baseline_seed0\.npz has no meta record"):
+    study.edits_done(study_config.get_config("quick"), tmp_path, "baseline", 0)

@@ -15,12 +15,14 @@ two at 5 (its reward text says "None" at 5, else a generic failure of that persp
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Callable
 
 import ml_collections
 import numpy as np
 
+from mre_jax.errors import ConfigError
 from mre_jax.eval import synthetic_eval
 from mre_jax.eval.synthetic_eval import PERSPECTIVES
 from mre_jax.infer import edit
@@ -52,14 +54,75 @@ def knob_request(perspective: int, value: float) -> tuple[tuple[float, ...], str
   return tuple(scores), "; ".join(texts)
 
 
-def cached_edits(out: Path, name: str, make_fn: Callable[[], np.ndarray]) -> np.ndarray:
-  """uint8 edits stored under OUT/edits/<name>.npz; made (and stored atomically) when missing."""
+def edit_meta(config: ml_collections.ConfigDict, arm: str, seed: int, examples: int,
+              request: tuple[tuple[float, ...], str] | None = None) -> dict:
+  """What a set of edits depends on, stored beside them: the model's train config (its data folder
+  aside), the examples, the sampler (its batch size aside: results do not depend on it) and the
+  reward request. Edits made elsewhere with the same meta are the same edits, so runs pool."""
+  train = train_config(config, Path("."), arm, seed).to_dict()
+  train["data"].pop("data_dir")
+  sampler = _sampler(config)
+  sampler.pop("batch_size")
+  scores, text = request or (synthetic_eval.BEST_SCORES, synthetic_eval.BEST_REWARD_TEXT)
+  return {"train": train, "examples": examples, "sampler": sampler,
+          "request": {"scores": [float(x) for x in scores], "reward_text": text}}
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  """{"a.b": leaf} for a nested dict."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def check_edits(path: Path, meta: dict) -> None:
+  """ConfigError naming `path` and the fields whose values differ from `meta` (JSON-normalised)."""
+  with np.load(path) as f:
+    if "meta" not in f.files:
+      raise ConfigError(f"{path} has no meta record (made before 2026-12-08?): delete it to make those edits again")
+    stored = _flat(json.loads(str(f["meta"])))
+  wanted = _flat(json.loads(json.dumps(meta)))
+  diff = [f"{k}: {stored.get(k, '(missing)')!r} there, {wanted.get(k, '(missing)')!r} here"
+          for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+  if diff:
+    raise ConfigError(f"{path} was made by another config ({'; '.join(diff[:5])}"
+                      f"{'; ...' if len(diff) > 5 else ''}): delete it, or run with that config")
+
+
+def cached_edits(out: Path, name: str, meta: dict, make_fn: Callable[[], np.ndarray]) -> np.ndarray:
+  """uint8 edits stored under OUT/edits/<name>.npz with their `meta`; made (and stored atomically) when
+  missing; ConfigError when the stored meta differs."""
   path = out / "edits" / f"{name}.npz"
   if path.is_file():
-    return np.load(path)["edits"]
+    check_edits(path, meta)
+    with np.load(path) as f:
+      return f["edits"]
   images = make_fn()
-  files.write_atomic(path, lambda f: np.savez_compressed(f, edits=images))
+  record = np.array(json.dumps(meta, sort_keys=True))
+  files.write_atomic(path, lambda f: np.savez_compressed(f, edits=images, meta=record))
   return images
+
+
+def edit_sets(config: ml_collections.ConfigDict, arm: str, seed: int) -> list[tuple[str, str, str, tuple | None]]:
+  """(file name, score key, test set: "test" or "knob", reward request or None for 5,5,5) of every
+  edit set made with one model."""
+  sets = [(f"{arm}_seed{seed}", arm, "test", None)]
+  if arm == "reward":
+    sets += [(f"reward_seed{seed}_knob_{name}_{value:g}", f"knob/{name}/{value:g}", "knob", knob_request(p, value))
+             for p, name in enumerate(PERSPECTIVES) for value in config.eval.knob_values]
+  return sets
+
+
+def edits_done(config: ml_collections.ConfigDict, out: Path, arm: str, seed: int) -> bool:
+  """Whether every edit set of one model is in OUT/edits (each checked against this config's meta):
+  then the model itself is not needed, so seeds trained and edited elsewhere pool here."""
+  paths = [(out / "edits" / f"{name}.npz", kind, request) for name, _, kind, request in edit_sets(config, arm, seed)]
+  if not all(path.is_file() for path, *_ in paths):
+    return False
+  for path, kind, request in paths:
+    count = config.eval.count if kind == "test" else config.eval.knob_count
+    check_edits(path, edit_meta(config, arm, seed, count, request))
+  return True
 
 
 def _sampler(config: ml_collections.ConfigDict) -> dict:
@@ -73,22 +136,18 @@ def edit_all(config: ml_collections.ConfigDict, out: Path, test: synthetic_eval.
   """Judged scores [seeds, N, 3] per model and per knob setting ("knob/<perspective>/<value>")."""
   scores: dict[str, list] = {}
   for seed in config.seeds:
-    editors = {}
     for arm in ARMS:
-      def make(arm=arm):
-        editors.setdefault(arm, edit.load_editor(out / f"{arm}_seed{seed}"))
-        return synthetic_eval.edit_test_set(editors[arm], test, **_sampler(config))
-      scores.setdefault(arm, []).append(synthetic_eval.judge_set(test, cached_edits(out, f"{arm}_seed{seed}", make)))
-    for p, name in enumerate(PERSPECTIVES):
-      for value in config.eval.knob_values:
-        request, text = knob_request(p, value)
+      editor = None
+      for name, key, kind, request in edit_sets(config, arm, seed):
+        examples = test if kind == "test" else knob_test
 
-        def make(request=request, text=text):
-          editors.setdefault("reward", edit.load_editor(out / f"reward_seed{seed}"))
-          return synthetic_eval.edit_test_set(editors["reward"], knob_test, scores=request, reward_text=text,
-                                              **_sampler(config))
-        images = cached_edits(out, f"reward_seed{seed}_knob_{name}_{value:g}", make)
-        scores.setdefault(f"knob/{name}/{value:g}", []).append(synthetic_eval.judge_set(knob_test, images))
+        def make(examples=examples, request=request):
+          nonlocal editor
+          editor = editor or edit.load_editor(out / f"{arm}_seed{seed}")
+          ask = {} if request is None else dict(scores=request[0], reward_text=request[1])
+          return synthetic_eval.edit_test_set(editor, examples, **ask, **_sampler(config))
+        images = cached_edits(out, name, edit_meta(config, arm, seed, len(examples), request), make)
+        scores.setdefault(key, []).append(synthetic_eval.judge_set(examples, images))
   return {k: np.stack(v) for k, v in scores.items()}
 
 

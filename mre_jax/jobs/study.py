@@ -9,7 +9,10 @@ OUT/
   tfds/                             the data every model reads
   reward_seed<s>/, baseline_seed<s>/  the train job's workdirs (checkpoints, latent cache,
                                     logs, samples); a seed's two models share frozen parts
-  edits/<name>.npz                  every edit made (uint8), so a rerun resumes
+  edits/<name>.npz                  every edit made (uint8) with what it depends on (train config,
+                                    examples, sampler, request), so a rerun resumes; a seed whose
+                                    edits are all here needs no model: copy other runs' edits/
+                                    here to pool their seeds
   table.json, table.md              means, paired differences, 95% bootstrap intervals over
                                     seeds and examples, per perspective and category; knobs
   bars.png, knobs.png, examples.png the figures
@@ -45,11 +48,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def train_models(config: ml_collections.ConfigDict, out: Path) -> None:
-  """Trains (or resumes, or finds finished) every (arm, seed) model. A training stopped early (SIGTERM:
-  the train job saves and returns) stops the study with a non-zero exit before anything is edited,
-  so no model is judged half-trained and a rerun resumes it."""
+  """Trains (or resumes, or finds finished) every (arm, seed) model whose edits are not all in OUT/edits
+  already. A training stopped early (SIGTERM: the train job saves and returns) stops the study with a
+  non-zero exit before anything is edited, so no model is judged half-trained and a rerun resumes it."""
   for seed in config.seeds:
     for arm in study.ARMS:
+      if study.edits_done(config, out, arm, seed):
+        print(f"study: {arm} seed {seed}: every edit it makes is in {out / 'edits'}; not trained", flush=True)
+        continue
       print(f"study: training {arm} seed {seed}", flush=True)
       workdir = out / f"{arm}_seed{seed}"
       state = loop.train_and_evaluate(study.train_config(config, out, arm, seed), str(workdir))
