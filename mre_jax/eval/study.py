@@ -58,7 +58,8 @@ def edit_meta(config: ml_collections.ConfigDict, arm: str, seed: int, examples: 
               request: tuple[tuple[float, ...], str] | None = None) -> dict:
   """What a set of edits depends on, stored beside them: the model's train config (its data folder
   aside), the examples, the sampler (its batch size aside: results do not depend on it) and the
-  reward request. Edits made elsewhere with the same meta are the same edits, so runs pool."""
+  reward request. Edits made elsewhere with the same meta come from the same experiment (the same
+  seed may train to other weights on another CPU kind, as README notes), so runs pool."""
   train = train_config(config, Path("."), arm, seed).to_dict()
   train["data"].pop("data_dir")
   sampler = _sampler(config)
