@@ -21,6 +21,7 @@ from typing import Callable
 
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from mre_jax.errors import ConfigError
 from mre_jax.eval import synthetic_eval
@@ -54,7 +55,7 @@ def knob_request(perspective: int, value: float) -> tuple[tuple[float, ...], str
   return tuple(scores), "; ".join(texts)
 
 
-def edit_meta(config: ml_collections.ConfigDict, arm: str, seed: int, examples: int,
+def edit_meta(config: ml_collections.ConfigDict, arm: str, seed: int, kind: str,
               request: tuple[tuple[float, ...], str] | None = None) -> dict:
   """What a set of edits depends on, stored beside them: the model's train config (its data folder
   aside), the examples, the sampler (its batch size aside: results do not depend on it) and the
@@ -65,15 +66,9 @@ def edit_meta(config: ml_collections.ConfigDict, arm: str, seed: int, examples: 
   sampler = _sampler(config)
   sampler.pop("batch_size")
   scores, text = request or (synthetic_eval.BEST_SCORES, synthetic_eval.BEST_REWARD_TEXT)
+  examples = config.eval.count if kind == "test" else config.eval.knob_count
   return {"train": train, "examples": examples, "sampler": sampler,
           "request": {"scores": [float(x) for x in scores], "reward_text": text}}
-
-
-def _flat(tree, prefix: str = "") -> dict:
-  """{"a.b": leaf} for a nested dict."""
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}" if prefix else key).items()}
 
 
 def check_edits(path: Path, meta: dict) -> None:
@@ -81,8 +76,8 @@ def check_edits(path: Path, meta: dict) -> None:
   with np.load(path) as f:
     if "meta" not in f.files:
       raise ConfigError(f"{path} has no meta record (made before 2026-12-08?): delete it to make those edits again")
-    stored = _flat(json.loads(str(f["meta"])))
-  wanted = _flat(json.loads(json.dumps(meta)))
+    stored = traverse_util.flatten_dict(json.loads(str(f["meta"])), sep=".")
+  wanted = traverse_util.flatten_dict(json.loads(json.dumps(meta)), sep=".")
   diff = [f"{k}: {stored.get(k, '(missing)')!r} there, {wanted.get(k, '(missing)')!r} here"
           for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
   if diff:
@@ -121,8 +116,7 @@ def edits_done(config: ml_collections.ConfigDict, out: Path, arm: str, seed: int
   if not all(path.is_file() for path, *_ in paths):
     return False
   for path, kind, request in paths:
-    count = config.eval.count if kind == "test" else config.eval.knob_count
-    check_edits(path, edit_meta(config, arm, seed, count, request))
+    check_edits(path, edit_meta(config, arm, seed, kind, request))
   return True
 
 
@@ -147,7 +141,7 @@ def edit_all(config: ml_collections.ConfigDict, out: Path, test: synthetic_eval.
           editor = editor or edit.load_editor(out / f"{arm}_seed{seed}")
           ask = {} if request is None else dict(scores=request[0], reward_text=request[1])
           return synthetic_eval.edit_test_set(editor, examples, **ask, **_sampler(config))
-        images = cached_edits(out, name, edit_meta(config, arm, seed, len(examples), request), make)
+        images = cached_edits(out, name, edit_meta(config, arm, seed, kind, request), make)
         scores.setdefault(key, []).append(synthetic_eval.judge_set(examples, images))
   return {k: np.stack(v) for k, v in scores.items()}
 
