@@ -267,3 +267,18 @@ def test_edits_made_by_another_config_are_refused_by_name(quick_study, tmp_path)
   np.savez_compressed(path, edits=edits)  # a file from before edits carried their meta
   with pytest.raises(ConfigError, match=r"baseline_seed0\.npz has no meta record"):
     study.edits_done(study_config.get_config("quick"), tmp_path, "baseline", 0)
+
+
+def test_committed_long_pair_edits_are_what_the_long_study_would_make():
+  """docs/study_long/edits holds the long pairs' edit sets so that later seeds pool with them: every
+  seed there has all its sets, each made by configs/study.py:long as it is now (a change to that
+  config, its sampler or its examples makes them stale, and this says which file and field)."""
+  out = ROOT / "docs" / "study_long"
+  config = study_config.get_config("long")
+  seeds = sorted({int(p.stem.split("_seed")[1].split("_")[0]) for p in (out / "edits").glob("*.npz")})
+  assert seeds
+  for seed in seeds:
+    for arm in study.ARMS:
+      assert study.edits_done(config, out, arm, seed), f"{arm} seed {seed}: an edit set is missing in {out}/edits"
+  with np.load(out / "edits" / f"reward_seed{seeds[0]}.npz") as f:
+    assert f["edits"].shape == (config.eval.count, 64, 64, 3) and f["edits"].dtype == np.uint8
